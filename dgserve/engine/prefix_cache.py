@@ -1,0 +1,294 @@
+"""Prefix cache: block-aligned token prefixes mapped to KV blocks already written, so that a new
+request sharing a prompt prefix (system prompt, earlier turns) reuses those pages instead of
+recomputing them. Blocks held only by the cache are evicted least recently used first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from array import array
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from dgserve.engine.kv_pages import BlockTable, KVPagePool, Space
+
+ROOT_KEY = b""  # the parent key of a sequence's first block
+
+
+def hash_block(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """Key of a block: a stable digest of its parent's key and its token ids (same on every host)."""
+    data = array("q", tokens)
+    if sys.byteorder == "big":
+        data.byteswap()  # hash little-endian bytes everywhere, so routers on any host agree
+    h = hashlib.blake2b(parent, digest_size=16)
+    h.update(data.tobytes())
+    return h.digest()
+
+
+def block_keys(token_ids: Sequence[int], block_size: int, parent: bytes = ROOT_KEY) -> list[bytes]:
+    """Keys of the complete blocks of ``token_ids`` (the chain continues from ``parent``)."""
+    keys = []
+    for j in range(len(token_ids) // block_size):
+        parent = hash_block(parent, token_ids[j * block_size:(j + 1) * block_size])
+        keys.append(parent)
+    return keys
+
+
+@dataclass(eq=False)
+class CachedBlock:
+    key: bytes
+    full: int
+    sliding: int | None  # None once evicted (or never held): the full block stays usable further back
+
+
+@dataclass(frozen=True)
+class PrefixMatch:
+    """The cached leading blocks of a prompt. ``sliding_blocks`` is aligned with ``full_blocks`` and is
+    None outside the trailing window (the only sliding blocks a continuation can read)."""
+
+    prompt_len: int
+    num_tokens: int
+    keys: tuple[bytes, ...] = ()
+    full_blocks: tuple[int, ...] = ()
+    sliding_blocks: tuple[int | None, ...] = ()
+    sliding_start: int = 0  # first block index whose sliding block is attached
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.full_blocks)
+
+
+@dataclass
+class PrefixCacheStats:
+    hits: int = 0  # attached lookups that reused at least one block
+    misses: int = 0
+    hit_tokens: int = 0  # prompt tokens served from the cache
+    queried_tokens: int = 0  # prompt tokens of all attached lookups
+    inserted_blocks: int = 0
+    evicted_blocks: int = 0  # full blocks (whole entries)
+    evicted_sliding_blocks: int = 0  # sliding blocks, incl. those of evicted entries
+
+    @property
+    def hit_rate(self) -> float:
+        """Fraction of queried prompt tokens served from the cache."""
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"hits": self.hits, "misses": self.misses, "hit_tokens": self.hit_tokens,
+                "queried_tokens": self.queried_tokens, "hit_rate": round(self.hit_rate, 4),
+                "inserted_blocks": self.inserted_blocks, "evicted_blocks": self.evicted_blocks,
+                "evicted_sliding_blocks": self.evicted_sliding_blocks}
+
+
+class PrefixCache:
+    """Block-aligned prefixes of a pool's sequences, each cached block holding its own reference.
+
+    Constructing it registers it as the pool's evictor, so ``KVPagePool.ensure_capacity`` evicts
+    cache-only blocks before giving up. Eviction is LRU; ``on_free`` re-touches a finished chain from
+    its tail to its root, so that tails go before the prefixes they hang from.
+    """
+
+    def __init__(self, pool: KVPagePool) -> None:
+        assert pool.evictor is None, "the pool already has a prefix cache"
+        self.pool = pool
+        self.block_size = pool.block_size
+        # Insertion order is recency order (oldest first) for the full blocks of all entries ...
+        self._entries: OrderedDict[bytes, CachedBlock] = OrderedDict()
+        # ... and, separately, for the entries still holding a sliding block.
+        self._sliding_lru: OrderedDict[bytes, None] = OrderedDict()
+        self.stats = PrefixCacheStats()
+        pool.evictor = self
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.stats.hit_rate
+
+    def num_cached_blocks(self, space: Space = "full") -> int:
+        return len(self._entries) if space == "full" else len(self._sliding_lru)
+
+    # -- lookup --
+    def match(self, prompt_ids: Sequence[int], window: int | None = None) -> PrefixMatch:
+        """Longest cached block chain of the prompt that a forward can continue from.
+
+        At least one prompt token is left to compute, and the sliding blocks covering the last
+        ``window - 1`` positions of the match must be cached too (``window`` defaults to the model's).
+        Side-effect free: stats and recency are recorded by :meth:`attach`.
+        """
+        bs = self.block_size
+        max_blocks = max(0, (len(prompt_ids) - 1) // bs)
+        entries: list[CachedBlock] = []
+        parent = ROOT_KEY
+        for j in range(max_blocks):
+            key = hash_block(parent, prompt_ids[j * bs:(j + 1) * bs])
+            entry = self._entries.get(key)
+            if entry is None:
+                break
+            entries.append(entry)
+            parent = key
+        window = self.pool.window if window is None else window
+        if not self.pool.sliding_layers:
+            window = None
+        m = self._longest_with_window(entries, window) if window is not None else len(entries)
+        first = self._window_first_block(m, window)
+        entries = entries[:m]
+        return PrefixMatch(
+            prompt_len=len(prompt_ids), num_tokens=m * bs, keys=tuple(e.key for e in entries),
+            full_blocks=tuple(e.full for e in entries),
+            sliding_blocks=tuple(e.sliding if j >= first else None for j, e in enumerate(entries)),
+            sliding_start=first if window is not None else 0)
+
+    def _window_first_block(self, num_blocks: int, window: int | None) -> int:
+        """First block holding one of the last ``window - 1`` positions of a ``num_blocks`` prefix."""
+        if window is None:
+            return num_blocks
+        return max(0, num_blocks * self.block_size - (window - 1)) // self.block_size
+
+    def _longest_with_window(self, entries: list[CachedBlock], window: int) -> int:
+        # missing_before[m]: the last block index < m whose sliding block is not cached (-1: none).
+        missing_before = [-1] * (len(entries) + 1)
+        last = -1
+        for j, e in enumerate(entries):
+            if e.sliding is None:
+                last = j
+            missing_before[j + 1] = last
+        for m in range(len(entries), 0, -1):
+            if missing_before[m] < self._window_first_block(m, window):
+                return m
+        return 0
+
+    def attach(self, table: BlockTable, match: PrefixMatch) -> None:
+        """Give a fresh table references to the matched blocks and record the lookup in the stats.
+
+        Call it for every admitted request (an empty match counts as a miss), right after
+        :meth:`match`: an allocation in between may evict the matched blocks.
+        """
+        assert not table.full and not table.sliding and table.num_tokens == 0, "attach needs a fresh table"
+        s = self.stats
+        s.queried_tokens += match.prompt_len
+        if match.num_blocks == 0:
+            s.misses += 1
+            return
+        s.hits += 1
+        s.hit_tokens += match.num_tokens
+        for j, key in enumerate(match.keys):
+            entry = self._entries.get(key)
+            assert entry is not None and entry.full == match.full_blocks[j] and (
+                match.sliding_blocks[j] is None or entry.sliding == match.sliding_blocks[j]), (
+                "stale PrefixMatch: its blocks were evicted between match() and attach()")
+        self.pool.allocators["full"].incref(match.full_blocks)
+        table.full = list(match.full_blocks)
+        if self.pool.sliding_layers:
+            window_blocks = match.sliding_blocks[match.sliding_start:]
+            self.pool.allocators["sliding"].incref(window_blocks)  # type: ignore[arg-type]
+            table.sliding = list(match.sliding_blocks)
+            table.sliding_start = match.sliding_start
+            for key in match.keys[match.sliding_start:]:
+                self._sliding_lru.move_to_end(key)
+        table.layer_len = [match.num_tokens] * table.num_layers
+        table.block_keys = list(match.keys)
+        for key in reversed(match.keys):
+            self._entries.move_to_end(key)
+
+    # -- registration --
+    def insert(self, token_ids: Sequence[int], table: BlockTable) -> int:
+        """Register the table's complete, written blocks of ``token_ids`` (prompt, then committed
+        tokens); returns how many blocks were newly cached.
+
+        Call it before ``release_out_of_window`` to keep the sliding blocks too (a match needs the
+        ones in its trailing window). Successive calls for one table must pass growing prefixes of the
+        same ids; only blocks not registered before are hashed.
+        """
+        bs = self.block_size
+        n_blocks = min(len(token_ids), table.num_tokens) // bs
+        start = len(table.block_keys)
+        parent = table.block_keys[-1] if start else ROOT_KEY
+        full_alloc, sliding_alloc = self.pool.allocators["full"], self.pool.allocators["sliding"]
+        added = 0
+        for j in range(start, n_blocks):
+            key = hash_block(parent, token_ids[j * bs:(j + 1) * bs])
+            sliding = table.sliding[j] if j < len(table.sliding) else None
+            entry = self._entries.get(key)
+            if entry is None:
+                # Another sequence may have cached the same prefix in other blocks: the first one wins.
+                entry = CachedBlock(key, table.full[j], None)
+                full_alloc.incref([entry.full])
+                self._entries[key] = entry
+                added += 1
+            if entry.sliding is None and sliding is not None:
+                entry.sliding = sliding
+                sliding_alloc.incref([sliding])
+            if entry.sliding is not None:
+                # Forward order: the blocks nearest the chain's end (what a match needs) go last.
+                self._sliding_lru[key] = None
+                self._sliding_lru.move_to_end(key)
+            table.block_keys.append(key)
+            parent = key
+        for key in reversed(table.block_keys[start:]):
+            self._entries.move_to_end(key)
+        self.stats.inserted_blocks += added
+        return added
+
+    def on_free(self, table: BlockTable) -> None:
+        """Refresh the recency of a finishing sequence's chain (called by ``KVPagePool.free``)."""
+        for key in reversed(table.block_keys):
+            if key in self._entries:
+                self._entries.move_to_end(key)
+
+    # -- eviction --
+    def num_evictable(self, space: Space = "full") -> int:
+        # A linear scan: eviction only runs when the pool is out of free blocks.
+        alloc = self.pool.allocators[space]
+        if space == "full":
+            return sum(1 for e in self._entries.values() if alloc.refcount(e.full) == 1)
+        return sum(1 for key in self._sliding_lru if alloc.refcount(self._entries[key].sliding) == 1)  # type: ignore[arg-type]
+
+    def evict(self, n_blocks: int, space: Space = "full") -> int:
+        """Free up to ``n_blocks`` blocks of ``space`` held only by the cache, least recently used
+        first; returns how many were freed. Evicting a full block drops its entry (and sliding block);
+        evicting a sliding block keeps the entry, usable where it is outside a match's window."""
+        if n_blocks <= 0:
+            return 0
+        full_alloc, sliding_alloc = self.pool.allocators["full"], self.pool.allocators["sliding"]
+        if space == "full":
+            victims = []
+            for entry in self._entries.values():
+                if full_alloc.refcount(entry.full) == 1:
+                    victims.append(entry)
+                    if len(victims) == n_blocks:
+                        break
+            for entry in victims:
+                del self._entries[entry.key]
+                full_alloc.decref([entry.full])
+                self._drop_sliding(entry)
+            self.stats.evicted_blocks += len(victims)
+            return len(victims)
+        victim_keys = []
+        for key in self._sliding_lru:
+            if sliding_alloc.refcount(self._entries[key].sliding) == 1:  # type: ignore[arg-type]
+                victim_keys.append(key)
+                if len(victim_keys) == n_blocks:
+                    break
+        for key in victim_keys:
+            self._drop_sliding(self._entries[key])
+        return len(victim_keys)
+
+    def _drop_sliding(self, entry: CachedBlock) -> None:
+        if entry.sliding is None:
+            return
+        self.stats.evicted_sliding_blocks += self.pool.allocators["sliding"].decref([entry.sliding])
+        entry.sliding = None
+        del self._sliding_lru[entry.key]
+
+    def clear(self) -> int:
+        """Evict everything only the cache holds; returns the number of full blocks freed."""
+        self.evict(len(self._sliding_lru), "sliding")
+        return self.evict(len(self._entries), "full")
+
+
+__all__ = ["ROOT_KEY", "CachedBlock", "PrefixCache", "PrefixCacheStats", "PrefixMatch", "block_keys",
+           "hash_block"]

@@ -1,0 +1,94 @@
+"""What a caller asks the engine for, and what the engine streams back.
+
+``SamplingParams`` is the per-request diffusion sampler setting (defaults from the checkpoint's
+generation_config.json); ``GenerationRequest`` is one request; events are what
+``AsyncEngine.generate`` yields: committed canvases, optional provisional drafts, and one final event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dgserve.model.generation_config import SamplingParams
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+__all__ = ["SamplingParams"]  # re-exported: requests carry it
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_tokens: int = 256
+    seed: int | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    draft_every: int = 0  # >0: emit a provisional DraftEvent every k denoising steps
+    request_id: str = ""
+    # Failover: tokens already committed by an earlier replica, and the sampler's RNG state at that
+    # canvas boundary, so that a seeded request continues the same random stream.
+    committed_ids: list[int] = field(default_factory=list)
+    rng_state: bytes | None = None
+
+
+@dataclass
+class RequestStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    canvases: int = 0
+    denoise_steps: int = 0  # decoder forward passes over this request's canvases
+    seconds: float = 0.0
+    time_to_first_canvas: float | None = None
+    cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
+    steps_per_canvas: list[int] = field(default_factory=list)
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.new_tokens / self.denoise_steps if self.denoise_steps else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return {
+            "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens, "canvases": self.canvases,
+            "denoise_steps": self.denoise_steps, "tokens_per_forward": round(self.tokens_per_forward, 4),
+            "seconds": round(self.seconds, 4), "tokens_per_second": round(self.tokens_per_second, 2),
+            "time_to_first_canvas": None if self.time_to_first_canvas is None
+            else round(self.time_to_first_canvas, 4),
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+        }
+
+
+@dataclass
+class CanvasEvent:
+    """A committed canvas: these tokens are final."""
+
+    request_id: str
+    token_ids: list[int]  # new committed tokens (EOS and anything after it removed; cut at max_tokens/stop)
+    text: str  # text delta for these tokens
+    canvas_index: int
+    rng_state: bytes | None = None  # sampler RNG state after this canvas (for failover)
+
+
+@dataclass
+class DraftEvent:
+    """A provisional snapshot of the canvas being denoised: NOT committed text, may change entirely."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    step: int
+
+
+@dataclass
+class FinalEvent:
+    request_id: str
+    finish_reason: FinishReason
+    stats: RequestStats
+    error: str | None = None
+
+
+Event = CanvasEvent | DraftEvent | FinalEvent

@@ -1,0 +1,123 @@
+"""DiffusionGemma's reference sampler as pure functions over one canvas.
+
+Per denoising step (``cur_step`` counts the steps *remaining*, N..1): logits / temperature (linear
+schedule t_max -> t_min), a multinomial "denoiser canvas", entropy-bound acceptance of the
+lowest-entropy tokens, uniform renoising of the rest, adaptive stopping (argmax canvas stable and
+mean entropy below a threshold). The vocabulary-sized work (LM head, softmax, sampling, entropy,
+self-conditioning soft embeddings) is done in row chunks so no ``[canvas, vocab]`` tensor of the
+whole canvas, let alone of a batch, is ever held. The random stream of a request's generator is
+consumed in the reference's order: randint (initial canvas), then per step multinomial over the
+canvas rows followed by randint (renoising).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dgserve.model.diffusion_gemma import DiffusionGemma
+from dgserve.model.generation_config import SamplingParams
+
+# Rows of logits per chunk are chosen so one chunk's vocabulary-sized temporaries (logits, probs,
+# entropy terms, the multinomial's exponential draws) stay around this many fp32 elements.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def default_chunk_rows(vocab: int) -> int:
+    return max(1, CHUNK_ELEMENTS // vocab)
+
+
+def temperature(cur_step: int, params: SamplingParams) -> float:
+    """Linear schedule: t_max at the first step (cur_step = N), approaching t_min at the last."""
+    return params.t_min + (params.t_max - params.t_min) * (cur_step / params.max_denoising_steps)
+
+
+def random_canvas(length: int, vocab: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    return torch.randint(0, vocab, (length,), generator=gen, device=gen.device).to(device)
+
+
+@dataclass
+class StepOutput:
+    canvas: torch.Tensor  # [C] next canvas (accepted tokens kept, the rest renoised)
+    argmax: torch.Tensor  # [C] argmax of this step's logits (the committed canvas if the loop stops here)
+    entropy: torch.Tensor  # [C] fp32 per-token entropy of the temperature-scaled logits
+    soft: torch.Tensor  # [C, H] self-conditioning input for the next step
+    accepted: torch.Tensor  # [C] bool
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of Categorical(logits=...) exactly as torch.distributions computes it."""
+    norm = logits - logits.logsumexp(dim=-1, keepdim=True)
+    probs = torch.softmax(norm, dim=-1)
+    return -(norm.clamp(min=torch.finfo(norm.dtype).min) * probs).sum(-1)
+
+
+def vocab_pass(model: DiffusionGemma, hidden: torch.Tensor, temp: float, gen: torch.Generator,
+               chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LM head + sampling + entropy + soft embeddings for one canvas, ``chunk_rows`` rows at a time.
+
+    Returns (denoiser sample [C], argmax [C], entropy [C], soft embeddings [C, H]).
+    """
+    samples, argmaxes, entropies, softs = [], [], [], []
+    for i in range(0, hidden.shape[0], chunk_rows):
+        processed = model.logits(hidden[i:i + chunk_rows]) / temp  # [c, V] fp32
+        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+        sample_probs = probs if probs.device == gen.device else probs.to(gen.device)
+        samples.append(torch.multinomial(sample_probs, 1, generator=gen).squeeze(-1).to(hidden.device))
+        argmaxes.append(processed.argmax(dim=-1))
+        entropies.append(token_entropy(processed))
+        if model.dtype != torch.float32:
+            # the reference feeds the logits, cast to the embedding dtype, to the next step's softmax
+            probs = torch.softmax(processed.to(model.dtype), dim=-1, dtype=torch.float32)
+        softs.append(model.soft_embeddings(probs))
+        del processed, probs, sample_probs
+    return torch.cat(samples), torch.cat(argmaxes), torch.cat(entropies), torch.cat(softs)
+
+
+def accept_and_renoise(canvas: torch.Tensor, sample: torch.Tensor, entropy: torch.Tensor, entropy_bound: float,
+                       vocab: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entropy-bound acceptance: take the k lowest-entropy tokens with sum(H) - max(H) <= bound;
+    renoise every other position with a uniform random token. Returns (next canvas, accepted mask)."""
+    sorted_entropy, order = torch.sort(entropy, dim=-1, descending=False)
+    selected = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= entropy_bound
+    accepted = torch.zeros_like(selected).scatter(-1, order, selected)
+    kept = torch.where(accepted, sample, canvas)
+    noise = random_canvas(canvas.shape[0], vocab, gen, canvas.device)
+    return torch.where(accepted, kept, noise), accepted
+
+
+def denoise_step(model: DiffusionGemma, hidden: torch.Tensor, canvas: torch.Tensor, cur_step: int,
+                 params: SamplingParams, gen: torch.Generator, chunk_rows: int | None = None) -> StepOutput:
+    chunk_rows = chunk_rows or default_chunk_rows(model.config.text.vocab_size)
+    sample, argmax, entropy, soft = vocab_pass(model, hidden, temperature(cur_step, params), gen, chunk_rows)
+    new_canvas, accepted = accept_and_renoise(canvas, sample, entropy, params.entropy_bound,
+                                              model.config.text.vocab_size, gen)
+    return StepOutput(canvas=new_canvas, argmax=argmax, entropy=entropy, soft=soft, accepted=accepted)
+
+
+class StabilityTracker:
+    """Adaptive stopping: the argmax canvas equals each of the last ``stability_threshold`` argmax
+    canvases and the mean entropy is below ``confidence_threshold``."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.threshold = params.stability_threshold
+        self.confidence = params.confidence_threshold
+        self.history: list[torch.Tensor] = []
+
+    def update(self, argmax: torch.Tensor, entropy: torch.Tensor) -> bool:
+        if self.threshold is None or self.confidence is None:
+            return False
+        if self.threshold == 0:
+            stable = True
+        else:
+            stable = len(self.history) == self.threshold and all(bool((h == argmax).all()) for h in self.history)
+            self.history = [*self.history, argmax][-self.threshold:]
+        return stable and bool(torch.mean(entropy, dim=-1) < self.confidence)
+
+
+def first_eos(tokens: list[int], eos_ids: tuple[int, ...]) -> int | None:
+    for i, t in enumerate(tokens):
+        if t in eos_ids:
+            return i
+    return None

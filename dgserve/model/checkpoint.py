@@ -1,0 +1,339 @@
+"""Loading (and writing) DiffusionGemma checkpoints in the Hugging Face layout.
+
+``load(path_or_preset, dtype, device)`` reads ``config.json``, ``model.safetensors`` (or a sharded
+``model.safetensors.index.json``), ``generation_config.json`` and the tokenizer files. The model is
+built on the meta device and each tensor is memory-mapped, checked, cast and copied into place, so
+a checkpoint never needs twice its size in memory. Only the text model is read. Presets build a
+deterministic random model instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from dgserve.model.config import PRESETS, ConfigError, ModelConfig
+from dgserve.model.diffusion_gemma import DiffusionGemma
+from dgserve.model.generation_config import SamplingParams
+
+log = logging.getLogger(__name__)
+
+ASSETS = Path(__file__).parent / "assets"
+_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
+# Prefixes under which a checkpoint may hold the (tied) text weights, in order of preference.
+_TEXT_PREFIXES = ("model.decoder.", "model.encoder.language_model.", "model.language_model.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory cannot be loaded; the message names the file (and tensor) at fault."""
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Per-checkpoint defaults from generation_config.json."""
+
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    eos_token_ids: tuple[int, ...] = (1,)
+    pad_token_id: int | None = 0
+    max_new_tokens: int = 256
+
+
+@dataclass
+class LoadedModel:
+    model: DiffusionGemma
+    config: ModelConfig
+    generation: GenerationDefaults
+    tokenizer: Any | None  # dgserve.model.tokenizer.Tokenizer when the checkpoint ships one
+    source: str
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
+    return table[dtype]
+
+
+def load(path_or_preset: str | Path, dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu",
+         expert_ids: list[int] | None = None, seed: int = 0) -> LoadedModel:
+    """Load a checkpoint directory or build a named preset (``tiny-random``, ``diffusiongemma-26b-a4b``...).
+
+    ``expert_ids``: load only these experts (an expert-parallel rank's share); default all.
+    """
+    dtype = resolve_dtype(dtype)
+    device = torch.device(device)
+    name = str(path_or_preset)
+    if name in PRESETS and not Path(name).exists():
+        return _load_preset(name, dtype, device, expert_ids, seed)
+    path = Path(name)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{name}: not a checkpoint directory and not a preset (presets: {', '.join(sorted(PRESETS))})")
+    config = read_config(path)
+    weights = _weight_files(path)
+    model = _empty_model(config, dtype, device, expert_ids)
+    _fill_from_safetensors(model, weights, dtype)
+    model.eval()
+    return LoadedModel(model=model, config=config, generation=read_generation_config(path, config),
+                       tokenizer=_maybe_tokenizer(path), source=str(path))
+
+
+def read_config(path: Path) -> ModelConfig:
+    file = path / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing (a Hugging Face checkpoint directory needs config.json)")
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: not valid JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file}: expected a JSON object")
+    try:
+        return ModelConfig.from_hf_dict(raw, source=str(file))
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from exc
+
+
+def read_generation_config(path: Path, config: ModelConfig) -> GenerationDefaults:
+    file = path / "generation_config.json"
+    eos_default = config.text.eos_token_id
+    if not file.is_file():
+        return GenerationDefaults(eos_token_ids=eos_default, pad_token_id=config.text.pad_token_id)
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: not valid JSON ({exc})") from exc
+    base = SamplingParams()
+    sampler = raw.get("sampler_config") or {}
+    try:
+        sampling = SamplingParams(
+            max_denoising_steps=int(raw.get("max_denoising_steps") or base.max_denoising_steps),
+            entropy_bound=float(sampler.get("entropy_bound", base.entropy_bound)),
+            t_max=float(raw["t_max"]) if raw.get("t_max") is not None else base.t_max,
+            t_min=float(raw["t_min"]) if raw.get("t_min") is not None else base.t_min,
+            stability_threshold=int(raw["stability_threshold"]) if raw.get("stability_threshold") is not None
+            else base.stability_threshold,
+            confidence_threshold=float(raw["confidence_threshold"]) if raw.get("confidence_threshold") is not None
+            else base.confidence_threshold,
+        )
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{file}: invalid sampler settings: {exc}") from exc
+    eos = raw.get("eos_token_id")
+    eos_ids = eos_default if eos is None else tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+    return GenerationDefaults(sampling=sampling, eos_token_ids=eos_ids,
+                              pad_token_id=raw.get("pad_token_id", config.text.pad_token_id),
+                              max_new_tokens=int(raw.get("max_new_tokens") or 256))
+
+
+def _maybe_tokenizer(path: Path) -> Any | None:
+    if not (path / "tokenizer.json").is_file():
+        return None
+    from dgserve.model.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(path)
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Map tensor name -> safetensors file holding it."""
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from exc
+        files = {}
+        for tensor, shard in weight_map.items():
+            shard_path = path / shard
+            if not shard_path.is_file():
+                raise CheckpointError(f"{index}: shard {shard} (holding {tensor}) is missing")
+            files[tensor] = shard_path
+        return files
+    if single.is_file():
+        return {name: single for name in _safetensors_keys(single)}
+    pickles = [n for n in _PICKLE_NAMES if (path / n).exists()]
+    if pickles:
+        raise CheckpointError(
+            f"{path / pickles[0]}: pickle checkpoints are refused (loading them can run arbitrary code); "
+            "convert the checkpoint to safetensors")
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def _safetensors_keys(file: Path) -> list[str]:
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{file}: unreadable safetensors file (truncated or corrupt?): {exc}") from exc
+
+
+def _empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 expert_ids: list[int] | None) -> DiffusionGemma:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = DiffusionGemma(config, expert_ids=expert_ids)
+    finally:
+        torch.set_default_dtype(old)
+    return model.to_empty(device=device)
+
+
+def _checkpoint_name_candidates(name: str) -> list[str]:
+    if name.endswith(".encoder_layer_scalar"):
+        return ["model.encoder.language_model." + name.replace("encoder_layer_scalar", "layer_scalar")]
+    if name.endswith(".layer_scalar"):
+        return ["model.decoder." + name]
+    if name.startswith("self_conditioning."):
+        return ["model.decoder." + name]
+    names = [p + name for p in _TEXT_PREFIXES]
+    if name == "embed_tokens.weight":
+        names.append("lm_head.weight")
+    return names
+
+
+def _fill_from_safetensors(model: DiffusionGemma, files: dict[str, Path], dtype: torch.dtype) -> None:
+    handles: dict[Path, Any] = {}
+    try:
+        for name, target in model.state_dict(keep_vars=True).items():
+            ckpt_name = next((c for c in _checkpoint_name_candidates(name) if c in files), None)
+            with torch.no_grad():
+                if ckpt_name is None:
+                    if name.endswith("layer_scalar"):
+                        # Absent buffers default to 1, as in the reference's initialisation.
+                        target.fill_(1.0)
+                        continue
+                    raise CheckpointError(
+                        f"{_describe(files)}: missing tensor {_checkpoint_name_candidates(name)[0]}")
+                file = files[ckpt_name]
+                if file not in handles:
+                    try:
+                        handles[file] = safe_open(file, framework="pt", device="cpu")
+                    except (SafetensorError, OSError) as exc:
+                        raise CheckpointError(
+                            f"{file}: unreadable safetensors file (truncated or corrupt?): {exc}") from exc
+                target.copy_(_read_tensor(handles[file], file, ckpt_name, name, target, model))
+    finally:
+        handles.clear()
+
+
+def _read_tensor(handle: Any, file: Path, ckpt_name: str, name: str, target: torch.Tensor,
+                 model: DiffusionGemma) -> torch.Tensor:
+    sl = handle.get_slice(ckpt_name)
+    st_dtype = sl.get_dtype()
+    if st_dtype not in _FLOAT_DTYPES:
+        raise CheckpointError(f"{file}: tensor {ckpt_name} has dtype {st_dtype}; expected one of "
+                              f"{', '.join(_FLOAT_DTYPES)} (quantized checkpoints are not supported)")
+    shape = list(sl.get_shape())
+    expected = list(target.shape)
+    expert_ids = _expert_ids_for(name, model)
+    full_expected = [model.config.text.num_experts, *expected[1:]] if expert_ids is not None else expected
+    if shape != full_expected:
+        raise CheckpointError(f"{file}: tensor {ckpt_name} has shape {shape}, expected {full_expected}")
+    try:
+        if expert_ids is not None and expert_ids != list(range(model.config.text.num_experts)):
+            tensor = _read_experts(sl, expert_ids)
+        else:
+            tensor = sl[:] if shape else handle.get_tensor(ckpt_name)
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{file}: cannot read tensor {ckpt_name} (truncated file?): {exc}") from exc
+    return tensor.to(target.dtype)
+
+
+def _expert_ids_for(name: str, model: DiffusionGemma) -> list[int] | None:
+    if ".experts." not in name:
+        return None
+    layer = int(name.split(".")[1])
+    return model.layers[layer].experts.expert_ids
+
+
+def _read_experts(sl: Any, expert_ids: list[int]) -> torch.Tensor:
+    """Slice-read only the owned experts (contiguous runs read in one slice each)."""
+    parts, run_start, prev = [], expert_ids[0], expert_ids[0]
+    for e in [*expert_ids[1:], None]:
+        if e is not None and e == prev + 1:
+            prev = e
+            continue
+        parts.append(sl[run_start:prev + 1])
+        if e is not None:
+            run_start = prev = e
+    return torch.cat(parts)
+
+
+def _describe(files: dict[str, Path]) -> str:
+    names = sorted({p.name for p in files.values()})
+    parent = next(iter(files.values())).parent if files else Path(".")
+    return str(parent / names[0]) if len(names) == 1 else f"{parent} ({len(names)} shards)"
+
+
+# -- presets -----------------------------------------------------------------------------------------
+
+
+def init_random_(model: DiffusionGemma, seed: int = 0, std: float = 0.02) -> None:
+    """Deterministic random weights (normal(0, std) matrices, ones for norms and scales)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if tensor.dim() >= 2:
+                # draw on CPU in chunks along dim 0 so the stream is device independent and bounded
+                for i in range(0, tensor.shape[0], 16):
+                    chunk = torch.empty(tensor[i:i + 16].shape, dtype=torch.float32)
+                    chunk.normal_(0.0, std, generator=gen)
+                    tensor[i:i + 16].copy_(chunk)
+            else:
+                tensor.fill_(1.0)
+            del name
+
+
+def _load_preset(name: str, dtype: torch.dtype, device: torch.device, expert_ids: list[int] | None,
+                 seed: int) -> LoadedModel:
+    config = PRESETS[name]
+    model = _empty_model(config, dtype, device, expert_ids)
+    init_random_(model, seed)
+    model.eval()
+    asset = ASSETS / name
+    tokenizer = _maybe_tokenizer(asset) if asset.is_dir() else None
+    return LoadedModel(model=model, config=config,
+                       generation=GenerationDefaults(eos_token_ids=config.text.eos_token_id,
+                                                     pad_token_id=config.text.pad_token_id),
+                       tokenizer=tokenizer, source=f"preset:{name}")
+
+
+# -- writing -------------------------------------------------------------------------------------------
+
+
+def save(model: DiffusionGemma, out_dir: str | Path, generation: GenerationDefaults | None = None) -> None:
+    """Write config.json, model.safetensors and generation_config.json in the Hugging Face layout
+    (text weights under ``model.decoder.``, encoder layer scalars under ``model.encoder.language_model.``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        ckpt = _checkpoint_name_candidates(name)[0]
+        tensors[ckpt] = tensor.detach().to("cpu").contiguous()
+    tmp = out / "model.safetensors.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    tmp.replace(out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+    gen = generation or GenerationDefaults(eos_token_ids=model.config.text.eos_token_id)
+    s = gen.sampling
+    gen_json = {
+        "max_new_tokens": gen.max_new_tokens, "max_denoising_steps": s.max_denoising_steps,
+        "sampler_config": {"entropy_bound": s.entropy_bound, "_cls_name": "EntropyBoundSamplerConfig"},
+        "t_min": s.t_min, "t_max": s.t_max, "stability_threshold": s.stability_threshold,
+        "confidence_threshold": s.confidence_threshold,
+        "eos_token_id": list(gen.eos_token_ids), "pad_token_id": gen.pad_token_id,
+        "return_dict_in_generate": True,
+    }
+    (out / "generation_config.json").write_text(json.dumps(gen_json, indent=2) + "\n")

@@ -1,0 +1,109 @@
+"""The DiffusionGemma text model: one set of layer weights run in two modes over a packed batch.
+
+- encode segments (prompt prefill, committing an accepted canvas): causal, append K/V to the cache;
+- denoise segments (canvases): bidirectional over the canvas + read-only cached prefix, with the
+  self-conditioning MLP on the input embeddings; their final hidden states feed the tied LM head.
+
+The LM head is applied separately (``logits``) so callers can work through canvases in chunks and
+never hold a ``[batch x canvas, vocab]`` tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dgserve.model.config import ModelConfig
+from dgserve.model.kv import KVView, Segment
+from dgserve.model.layers import (
+    ForwardContext,
+    RMSNorm,
+    SelfConditioning,
+    TransformerLayer,
+    rope_cos_sin,
+    rope_inv_freq,
+)
+from dgserve.model.moe import LocalDispatcher, MoEDispatcher
+
+
+class DiffusionGemma(nn.Module):
+    def __init__(self, config: ModelConfig, expert_ids: list[int] | None = None,
+                 dispatcher: MoEDispatcher | None = None) -> None:
+        super().__init__()
+        self.config = config
+        t = config.text
+        self.embed_tokens = nn.Embedding(t.vocab_size, t.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(TransformerLayer(t, i, expert_ids) for i in range(t.num_hidden_layers))
+        self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
+        self.self_conditioning = SelfConditioning(t)
+        self.dispatcher: MoEDispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
+        self._inv_freq = {
+            "sliding_attention": rope_inv_freq(t.head_dim, t.rope_sliding),
+            "full_attention": rope_inv_freq(t.global_head_dim, t.rope_full),
+        }
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def embed_scale(self, dtype: torch.dtype) -> torch.Tensor:
+        # sqrt(hidden) rounded to the weight dtype first, as the reference does
+        return torch.tensor(self.config.text.hidden_size ** 0.5).to(self.dtype).to(dtype)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(tokens) * self.embed_scale(self.dtype)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, segments: list[Segment], kv: KVView,
+                soft: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one packed batch.
+
+        tokens ``[T]``; segments partition T in order; soft ``[T_denoise, H]``: the previous step's soft
+        embeddings for the denoise tokens in segment order (None = all zeros, i.e. first steps).
+        Returns the final-normed hidden states of the denoise tokens ``[T_denoise, H]``.
+        """
+        assert sum(s.length for s in segments) == tokens.shape[0]
+        device = tokens.device
+        is_denoise = torch.cat([
+            torch.full((s.length,), s.kind == "denoise", dtype=torch.bool, device=device) for s in segments
+        ])
+        positions = torch.cat([
+            torch.arange(s.position, s.position + s.length, device=device) for s in segments
+        ])
+        x = self.embed(tokens)  # [T, H]
+        kinds = {s.kind for s in segments}
+        if "denoise" in kinds:
+            x[is_denoise] = self.self_conditioning(x[is_denoise], soft)
+        rope = {name: rope_cos_sin(positions, inv, x.dtype) for name, inv in self._inv_freq.items()}
+        ctx = ForwardContext(segments=segments, kv=kv, positions=positions, rope=rope, dispatcher=self.dispatcher)
+        for layer in self.layers:
+            if kinds == {"denoise"}:
+                scalar = layer.layer_scalar
+            elif kinds == {"encode"}:
+                scalar = layer.encoder_layer_scalar
+            else:
+                scalar = torch.where(is_denoise[:, None], layer.layer_scalar, layer.encoder_layer_scalar)
+            x = layer(x, ctx, scalar)
+        if "denoise" not in kinds:
+            return x.new_empty(0, x.shape[1])
+        return self.norm(x[is_denoise])
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied LM head + final softcapping, in fp32: ``[n, H] -> [n, V]``."""
+        out = torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()
+        cap = self.config.text.final_logit_softcapping
+        if cap is not None:
+            out = torch.tanh(out / cap) * cap
+        return out
+
+    @torch.inference_mode()
+    def soft_embeddings(self, probs: torch.Tensor) -> torch.Tensor:
+        """Self-conditioning input: ``softmax(previous logits) @ E x sqrt(H)``, ``[n, V] fp32 -> [n, H]``."""
+        w = self.embed_tokens.weight
+        return (probs.to(w.dtype) @ w) * self.embed_scale(w.dtype)

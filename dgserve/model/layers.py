@@ -1,0 +1,232 @@
+"""DiffusionGemma building blocks: RMSNorm, RoPE, attention over packed segments, dense MLP,
+router + experts, the transformer layer, and the self-conditioning MLP.
+
+Every module works on a packed ``[T, H]`` batch (tokens of several segments end to end); only
+attention looks at segment boundaries. Module and parameter names follow the Hugging Face
+checkpoint layout so loading is a name-for-name copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dgserve.model.config import RopeConfig, TextConfig
+from dgserve.model.kv import KVView, Segment
+from dgserve.model.moe import ExpertWeights, MoEDispatcher
+
+
+class RMSNorm(nn.Module):
+    """Gemma 4 RMSNorm: computed in fp32, ``x * (mean(x^2) + eps)^-1/2 * weight`` (no ``1 +``)."""
+
+    def __init__(self, dim: int, eps: float, with_scale: bool = True) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
+        if self.weight is not None:
+            out = out * self.weight.float()
+        return out.type_as(x)
+
+
+def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
+    """Inverse frequencies ``[head_dim // 2]`` for one layer type.
+
+    default: all pairs rotate. proportional (full-attention layers): the first
+    ``partial_rotary_factor * head_dim / 2`` pairs rotate with exponents over the whole head_dim, the
+    rest get frequency 0 (cos 1, sin 0: position-free).
+    """
+    if rope.rope_type == "proportional":
+        angles = int(rope.partial_rotary_factor * head_dim // 2)
+        exps = torch.arange(0, 2 * angles, 2, dtype=torch.int64, device="cpu").float() / head_dim
+        rotated = 1.0 / (rope.rope_theta ** exps)
+        return torch.cat([rotated, torch.zeros(head_dim // 2 - angles, device="cpu")])
+    if rope.partial_rotary_factor != 1.0:
+        raise ValueError("default RoPE with partial_rotary_factor != 1 is not supported")
+    return 1.0 / (rope.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim))
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None, :]  # [T, hd/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [T, hd]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x ``[T, heads, hd]``; rotate-half convention (pairs i and i + hd/2)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+@dataclass
+class ForwardContext:
+    """What one packed forward needs besides the hidden states."""
+
+    segments: list[Segment]
+    kv: KVView
+    positions: torch.Tensor  # [T] absolute positions
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # layer type -> (cos, sin) [T, hd]
+    dispatcher: MoEDispatcher
+
+
+class Attention(nn.Module):
+    """Gemma 4 attention: q/k RMSNorm, scale-free v-norm, RoPE, scaling 1.0, GQA.
+
+    Full-attention layers have no v_proj: values are the projected keys (before k-norm and RoPE).
+    Encode segments: causal (sliding layers: the last ``window`` positions including self) and append
+    their K/V to the cache. Denoise segments: bidirectional over the canvas plus read-only attention to
+    the cached prefix (sliding layers: its last ``window - 1`` positions).
+    """
+
+    def __init__(self, cfg: TextConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.sliding = cfg.is_sliding(layer)
+        self.window = cfg.sliding_window
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.layer_head_dim(layer)
+        self.kv_heads = cfg.layer_kv_heads(layer)
+        h, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=bias) if self.sliding else None
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.v_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, with_scale=False)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        t = x.shape[0]
+        cos, sin = ctx.rope["sliding_attention" if self.sliding else "full_attention"]
+        q = apply_rope(self.q_norm(self.q_proj(x).view(t, self.num_heads, self.head_dim)), cos, sin)
+        k_raw = self.k_proj(x).view(t, self.kv_heads, self.head_dim)
+        v_raw = self.v_proj(x).view(t, self.kv_heads, self.head_dim) if self.v_proj is not None else k_raw
+        k = apply_rope(self.k_norm(k_raw), cos, sin)
+        v = self.v_norm(v_raw)
+
+        out = torch.empty_like(q)
+        offset = 0
+        for seg in ctx.segments:
+            sl = slice(offset, offset + seg.length)
+            offset += seg.length
+            out[sl] = self._segment(seg, q[sl], k[sl], v[sl], ctx.kv)
+        return self.o_proj(out.view(t, self.num_heads * self.head_dim))
+
+    def _segment(self, seg: Segment, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: KVView
+                 ) -> torch.Tensor:
+        start = max(0, seg.position - (self.window - 1)) if self.sliding else 0
+        if start < seg.position:
+            k_old, v_old = kv.read(self.layer, seg.seq, start, seg.position)
+            keys, values = torch.cat([k_old, k]), torch.cat([v_old, v])
+        else:
+            keys, values = k, v
+        mask = None
+        if seg.kind == "encode":
+            kv.write(self.layer, seg.seq, seg.position, k, v)
+            q_pos = torch.arange(seg.position, seg.position + seg.length, device=q.device)[:, None]
+            k_pos = torch.arange(start, seg.position + seg.length, device=q.device)[None, :]
+            mask = k_pos <= q_pos
+            if self.sliding:
+                mask &= k_pos > q_pos - self.window
+        # [1, heads, n, hd] layout for SDPA; GQA maps query head h to kv head h // (heads / kv_heads)
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+            attn_mask=mask, scale=1.0, enable_gqa=self.kv_heads != self.num_heads,
+        )
+        return o[0].transpose(0, 1)
+
+
+class DenseMLP(nn.Module):
+    """Gated gelu-tanh MLP (the dense "shared expert"; also the self-conditioning MLP's shape)."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Scale-free RMSNorm, x ``scale`` x hidden^-0.5, softmax (fp32) over experts, top-k,
+    renormalised, x ``per_expert_scale``."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.top_k = cfg.top_k_experts
+        self.root_size = cfg.hidden_size ** -0.5
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_scale=False)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.scale = nn.Parameter(torch.ones(cfg.hidden_size), requires_grad=False)
+        self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.proj(self.norm(x) * self.scale * self.root_size)  # [T, E]
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32)
+        weights, index = torch.topk(probs, k=self.top_k, dim=-1)  # [T, K]
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights * self.per_expert_scale[index], index
+
+
+class TransformerLayer(nn.Module):
+    """Attention, then the dense MLP and the MoE in parallel (each with its own norms), summed,
+    post-norm, residual, times a per-mode ``layer_scalar``."""
+
+    def __init__(self, cfg: TextConfig, layer: int, expert_ids: list[int] | None = None) -> None:
+        super().__init__()
+        h, eps = cfg.hidden_size, cfg.rms_norm_eps
+        self.layer = layer
+        self.self_attn = Attention(cfg, layer)
+        self.mlp = DenseMLP(h, cfg.intermediate_size)
+        self.router = Router(cfg)
+        self.experts = ExpertWeights(h, cfg.moe_intermediate_size,
+                                     list(range(cfg.num_experts)) if expert_ids is None else expert_ids)
+        self.input_layernorm = RMSNorm(h, eps)
+        self.post_attention_layernorm = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm_1 = RMSNorm(h, eps)
+        self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)
+        self.post_feedforward_layernorm_2 = RMSNorm(h, eps)
+        # The checkpoint stores one scalar for the decoder and one for the encoder (buffers are not tied).
+        self.register_buffer("layer_scalar", torch.ones(1))  # decoder (denoise) mode
+        self.register_buffer("encoder_layer_scalar", torch.ones(1))  # encoder mode
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, scalar: torch.Tensor) -> torch.Tensor:
+        residual = x
+        x = residual + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx))
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
+        weights, index = self.router(x)
+        moe = ctx.dispatcher(self.layer, self.pre_feedforward_layernorm_2(x), index, weights, self.experts)
+        x = x + self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(moe))
+        return x * scalar
+
+
+class SelfConditioning(nn.Module):
+    """Adds an MLP of the previous step's soft embeddings to the canvas embeddings, then a scale-free
+    RMSNorm (applied at every step, also the first, where the soft embeddings are zeros)."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.pre_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, with_scale=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, embeds: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
+        if soft is not None:
+            n = self.pre_norm(soft)
+            embeds = embeds + self.down_proj(F.gelu(self.gate_proj(n), approximate="tanh") * self.up_proj(n))
+        # soft is None: the MLP of a zero signal is exactly zero (no biases), so it is skipped
+        return self.post_norm(embeds)

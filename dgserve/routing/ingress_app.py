@@ -1,0 +1,463 @@
+"""dgserve's OpenAI-compatible HTTP API as a plain FastAPI app, free of Ray.
+
+``build_fastapi_app(backend, settings)`` needs only a ``ChatBackend`` (tokenize, generate, readiness), so it
+runs in-process against a fake backend in tests, and the Ray Serve ingress deployment mounts it over a
+backend that talks to the RequestRouter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from functools import partial
+from typing import Annotated, Any, Protocol, TypeVar
+
+import anyio
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest, SamplingParams
+from dgserve.routing.errors import OpenAIHTTPError, describe_validation_errors, error_response, install_error_handlers
+from dgserve.routing.openai_protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    DraftChunk,
+    ErrorResponse,
+    FinishReason,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    Usage,
+)
+from dgserve.routing.replies import ChatReply, CompletionReply, Reply
+from dgserve.routing.sse import (
+    CLEANUP_TIMEOUT_S,
+    DONE,
+    EventStreamResponse,
+    add_component_schemas,
+    sse_data,
+    stream_response_doc,
+)
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class OverloadedError(Exception):
+    """A backend cannot take the request now; raised by ``generate`` or its first ``__anext__`` -> 429."""
+
+    def __init__(self, retry_after: float = 1.0, message: str = "The server is overloaded; retry later.") -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class InvalidPromptError(ValueError):
+    """A prompt the backend refuses (token ids out of range, a conversation the chat template rejects).
+    The ingress answers any ValueError from tokenization with a 400; this one names the intent."""
+
+
+class ChatBackend(Protocol):
+    """What the ingress needs from the model side; the Ray deployment implements it over a router handle."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def max_context(self) -> int:
+        """Most prompt + completion tokens one request may use."""
+
+    @property
+    def sampling_defaults(self) -> SamplingParams:
+        """The checkpoint's sampler settings (generation_config.json) that request fields override."""
+
+    async def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Prompt token ids for /v1/completions (text encoded, ids checked); ValueError for bad input."""
+
+    async def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """``[{"role", "content"}]`` rendered by the checkpoint's chat template, generation prompt appended,
+        then encoded; ValueError for a conversation the template rejects."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """The request's events, always ending with one FinalEvent. ``aclose()`` on the iterator (or cancelling
+        the task awaiting it) cancels the engine request."""
+
+    async def ready(self) -> bool: ...
+
+
+class IngressSettings(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    max_body_bytes: int = Field(4 * 2**20, ge=1, description="Larger request bodies are answered 413.")
+    request_timeout_s: float | None = Field(
+        600.0, gt=0, description="Wall-clock limit per request: 408 before a stream starts, an error event after.")
+    default_max_tokens: int | None = Field(
+        None, ge=1, description="max_tokens when a request gives none (None: what is left of the context).")
+    default_draft_every: int = Field(4, ge=1, description="Denoising steps between drafts when a request sets "
+                                     "stream_drafts without draft_every.")
+
+
+Authorizer = Callable[[str | None], Awaitable[bool]]
+"""API-key hook: gets the Bearer token (None when absent) and says whether the request may proceed."""
+
+_BEARER = HTTPBearer(auto_error=False, description="API key, when the server is started with one.")
+_SAMPLER_FIELDS = ("entropy_bound", "max_denoising_steps", "t_max", "t_min")
+_ERROR_DOCS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text} for status, text in {
+        400: "Invalid request: bad or unknown field, unsupported feature, prompt over the context limit.",
+        404: "Unknown model.", 408: "Request timeout.", 413: "Request body too large.",
+        429: "Overloaded: retry after the Retry-After header's seconds.",
+    }.items()
+}
+
+
+class ClientDisconnected(Exception):
+    """The client went away before the answer was ready."""
+
+
+class BodySizeLimitMiddleware:
+    """Answers 413 for request bodies over ``max_bytes``: by Content-Length, or by counting a chunked body."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.message = f"The request body is larger than the server's limit of {max_bytes} bytes."
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await error_response(413, self.message, code="request_too_large")(scope, receive, send)
+            return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise HTTPException(413, self.message)  # FastAPI re-raises HTTPExceptions from body reads
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+def build_fastapi_app(backend: ChatBackend, settings: IngressSettings | None = None, *,
+                      authorize: Authorizer | None = None) -> FastAPI:
+    """The OpenAI-compatible app over ``backend``; ``authorize`` (optional) checks Bearer API keys on /v1."""
+    settings = settings or IngressSettings()
+    routes = _OpenAIRoutes(backend, settings)
+    app = FastAPI(title="dgserve", version="0.1.0", description=_API_DESCRIPTION)
+    install_error_handlers(app)
+    app.add_exception_handler(OverloadedError, _overloaded)  # type: ignore[arg-type]
+    app.add_exception_handler(ClientDisconnected, _client_gone)  # type: ignore[arg-type]
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    v1 = {"dependencies": [Depends(_bearer_check(authorize))] if authorize else [],
+          "responses": {**_ERROR_DOCS, 401: {"model": ErrorResponse, "description": "Missing or bad API key."}}
+          if authorize else _ERROR_DOCS}
+    app.add_api_route(
+        "/v1/completions", routes.completions, methods=["POST"], response_model=CompletionResponse, **v1,
+        summary="Text completion (JSON, or SSE with stream: true)", openapi_extra=_stream_doc(
+            CompletionChunk, '{"id":"cmpl-1","object":"text_completion","created":0,"model":"m",'
+            '"choices":[{"index":0,"text":"Hello","finish_reason":null,"logprobs":null}]}'))
+    app.add_api_route(
+        "/v1/chat/completions", routes.chat_completions, methods=["POST"], response_model=ChatCompletionResponse,
+        **v1, summary="Chat completion (JSON, or SSE with stream: true)", openapi_extra=_stream_doc(
+            ChatCompletionChunk, '{"id":"chatcmpl-1","object":"chat.completion.chunk","created":0,"model":"m",'
+            '"choices":[{"index":0,"delta":{"content":"Hello"},"finish_reason":null,"logprobs":null}]}'))
+    app.add_api_route("/v1/models", routes.list_models, methods=["GET"], response_model=ModelList, **v1)
+    app.add_api_route("/v1/models/{model}", routes.get_model, methods=["GET"], response_model=ModelCard, **v1)
+    app.add_api_route("/health", routes.health, methods=["GET"], summary="Liveness: always 200")
+    app.add_api_route("/ready", routes.ready, methods=["GET"], summary="Readiness: 200, or 503 while the "
+                      "backend cannot serve", responses={503: {"model": ErrorResponse}})
+
+    base_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        return add_component_schemas(base_openapi(), [CompletionChunk, ChatCompletionChunk, DraftChunk])
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+class _OpenAIRoutes:
+    def __init__(self, backend: ChatBackend, settings: IngressSettings) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.started = int(time.time())
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        self._check_model(body.model)
+        prompt_ids = await _tokenized(self.backend.tokenize_prompt(body.prompt_input), "prompt")
+        reply = CompletionReply(id=f"cmpl-{uuid.uuid4().hex}", model=self.backend.model_id,
+                                include_usage=body.include_usage)
+        return await self._serve(request, body, prompt_ids, reply, "prompt")
+
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self._check_model(body.model)
+        messages = [m.for_template() for m in body.messages]
+        prompt_ids = await _tokenized(self.backend.tokenize_chat(messages), "messages")
+        reply = ChatReply(id=f"chatcmpl-{uuid.uuid4().hex}", model=self.backend.model_id,
+                          include_usage=body.include_usage)
+        return await self._serve(request, body, prompt_ids, reply, "messages")
+
+    async def list_models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.backend.model_id, created=self.started)])
+
+    async def get_model(self, model: str) -> ModelCard:
+        self._check_model(model)
+        return ModelCard(id=self.backend.model_id, created=self.started)
+
+    async def health(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    async def ready(self) -> Response:
+        try:
+            ok = await self.backend.ready()
+        except Exception:
+            logger.exception("backend readiness check failed")
+            ok = False
+        if ok:
+            return JSONResponse({"status": "ready"})
+        return error_response(503, "The model is not ready to serve yet.", code="not_ready")
+
+    def _check_model(self, model: str) -> None:
+        if model != self.backend.model_id:
+            raise OpenAIHTTPError(404, f"The model '{model}' does not exist; this server serves "
+                                  f"'{self.backend.model_id}'.", param="model", code="model_not_found")
+
+    async def _serve(self, request: Request, body: CompletionRequest | ChatCompletionRequest,
+                     prompt_ids: list[int], reply: Reply, prompt_param: str) -> Response:
+        timeout = self.settings.request_timeout_s
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        generation = GenerationRequest(
+            prompt_ids=prompt_ids, max_tokens=self._max_tokens(body, len(prompt_ids), prompt_param),
+            seed=body.seed, sampling=self._sampling(body), stop=body.stop_strings, ignore_eos=body.ignore_eos,
+            draft_every=(body.draft_every or self.settings.default_draft_every) if body.stream_drafts else 0,
+            request_id=reply.id)
+        usage = partial(_usage, len(prompt_ids))
+        events = self.backend.generate(generation)
+
+        if not body.stream:
+            try:
+                text, n_tokens, final = await _guarded(request, _collect(events), deadline, timeout)
+            finally:
+                await _aclose(events)
+            result = reply.response(text, _finish_reason(final), usage(n_tokens, final))
+            return JSONResponse(result.model_dump())
+
+        try:
+            first = await _guarded(request, _next_event(events, None), deadline, timeout)
+        except BaseException:
+            await _aclose(events)
+            raise
+        lines = _sse(reply, first, events, deadline, timeout, drafts=body.stream_drafts, usage=usage)
+        return EventStreamResponse(lines, on_close=partial(_aclose, events))
+
+    def _max_tokens(self, body: CompletionRequest | ChatCompletionRequest, n_prompt: int, param: str) -> int:
+        limit = self.backend.max_context
+        room = limit - n_prompt
+        asked = body.requested_max_tokens
+        if room < 1:
+            raise OpenAIHTTPError(400, f"This model's maximum context length is {limit} tokens, and your prompt "
+                                  f"has {n_prompt} tokens, leaving no room for the completion. Please shorten "
+                                  "the prompt.", param=param, code="context_length_exceeded")
+        if asked is None:
+            return min(self.settings.default_max_tokens or room, room)
+        if asked > room:
+            raise OpenAIHTTPError(400, f"This model's maximum context length is {limit} tokens. However, you "
+                                  f"requested {n_prompt + asked} tokens ({n_prompt} in the prompt, {asked} for the "
+                                  "completion). Please reduce the prompt or max_tokens.", param="max_tokens",
+                                  code="context_length_exceeded")
+        return asked
+
+    def _sampling(self, body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
+        base = self.backend.sampling_defaults
+        update = {k: v for k in _SAMPLER_FIELDS if (v := getattr(body, k)) is not None}
+        if body.temperature is not None:  # temperature scales the checkpoint's t_max -> t_min schedule
+            update |= {"t_max": base.t_max * body.temperature, "t_min": base.t_min * body.temperature}
+        if not update and isinstance(base, SamplingParams):
+            return base
+        try:  # re-validated as the engine's type: the backend's defaults may be another SamplingParams class
+            return SamplingParams.model_validate({**base.model_dump(), **update})
+        except ValidationError as exc:
+            message, param = describe_validation_errors(list(exc.errors()))
+            fallback = "temperature" if body.temperature is not None else "t_max"
+            raise OpenAIHTTPError(400, message, param=param or fallback) from None
+
+
+async def _tokenized(ids: Awaitable[list[int]], param: str) -> list[int]:
+    try:
+        prompt_ids = await ids
+    except ValueError as exc:
+        raise OpenAIHTTPError(400, str(exc) or f"invalid {param}", param=param, code="invalid_prompt") from None
+    if not prompt_ids:
+        raise OpenAIHTTPError(400, f"The {param} is empty after tokenization.", param=param, code="invalid_prompt")
+    return prompt_ids
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, final: FinalEvent) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=final.stats.cached_prompt_tokens))
+
+
+def _finish_reason(final: FinalEvent) -> FinishReason:
+    """``stop``/``length`` pass through; an engine ``error`` or ``cancelled`` becomes an OpenAIHTTPError."""
+    if final.finish_reason in ("stop", "length"):
+        return final.finish_reason
+    if final.finish_reason == "cancelled":
+        raise OpenAIHTTPError(503, "The request was cancelled by the server before it finished; retry it.",
+                              code="request_cancelled")
+    raise OpenAIHTTPError(500, f"Generation failed: {final.error or 'unknown engine error'}", code="engine_error")
+
+
+def _timeout_error(timeout: float | None) -> OpenAIHTTPError:
+    return OpenAIHTTPError(408, f"The request did not finish within the server's {timeout:g} s timeout.",
+                           code="request_timeout")
+
+
+async def _next_event(events: AsyncIterator[Event], deadline: float | None) -> Event:
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await anext(events)
+    except StopAsyncIteration:
+        raise RuntimeError("the backend's event stream ended without a FinalEvent") from None
+
+
+async def _collect(events: AsyncIterator[Event]) -> tuple[str, int, FinalEvent]:
+    """Committed text, its token count, and the final event of a non-streaming request."""
+    parts: list[str] = []
+    n_tokens = 0
+    while not isinstance(event := await _next_event(events, None), FinalEvent):
+        if isinstance(event, CanvasEvent):  # drafts are for streams only
+            parts.append(event.text)
+            n_tokens += len(event.token_ids)
+    return "".join(parts), n_tokens, event
+
+
+async def _sse(reply: Reply, first: Event, events: AsyncIterator[Event], deadline: float | None,
+               timeout: float | None, *, drafts: bool, usage: Callable[[int, FinalEvent], Usage]
+               ) -> AsyncIterator[str]:
+    """The SSE lines of one stream. Failures after the stream started become an error event, never a silent
+    truncation; [DONE] always ends it."""
+    for line in reply.opening():
+        yield line
+    event, canvases, n_tokens = first, 0, 0
+    try:
+        while not isinstance(event, FinalEvent):
+            if isinstance(event, CanvasEvent):
+                canvases += 1
+                n_tokens += len(event.token_ids)
+                if event.text:
+                    yield reply.content(event.text)
+            elif drafts:
+                yield reply.draft(event, canvases)
+            event = await _next_event(events, deadline)
+        yield reply.finish(_finish_reason(event))
+        if reply.include_usage:
+            yield reply.usage(usage(n_tokens, event))
+    except OpenAIHTTPError as exc:
+        yield sse_data(exc.body)
+    except TimeoutError:
+        yield sse_data(_timeout_error(timeout).body)
+    except Exception:
+        logger.exception("stream %s failed", reply.id)
+        yield sse_data(OpenAIHTTPError(500, "Internal error while streaming.", code="internal_error").body)
+    yield DONE
+
+
+async def _guarded(request: Request, work: Coroutine[Any, Any, T], deadline: float | None,
+                   timeout: float | None) -> T:
+    """``await work``, unless the client disconnects first (ClientDisconnected) or the deadline passes (408);
+    either way ``work`` is cancelled."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        wait = None if deadline is None else max(0.0, deadline - asyncio.get_running_loop().time())
+        await asyncio.wait({task, watch}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in (watch, task):
+            t.cancel()
+        with anyio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
+            await asyncio.gather(watch, task, return_exceptions=True)
+    if not task.cancelled():
+        return task.result()
+    if not watch.cancelled():
+        raise ClientDisconnected
+    raise _timeout_error(timeout)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read, so nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _aclose(events: AsyncIterator[Event]) -> None:
+    """Tell the backend we are done with ``events`` (a no-op if it already finished)."""
+    aclose = getattr(events, "aclose", None)
+    if aclose is None:
+        return
+    with anyio.move_on_after(CLEANUP_TIMEOUT_S, shield=True):
+        try:
+            await aclose()
+        except Exception:
+            logger.exception("closing a backend event stream failed")
+
+
+def _bearer_check(authorize: Authorizer) -> Callable[..., Awaitable[None]]:
+    async def check(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
+        if not await authorize(credentials.credentials if credentials else None):
+            raise OpenAIHTTPError(401, "Invalid or missing API key: send 'Authorization: Bearer <key>'.",
+                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
+async def _client_gone(_: Request, __: ClientDisconnected) -> Response:
+    return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+
+async def _overloaded(_: Request, exc: OverloadedError) -> JSONResponse:
+    seconds = max(exc.retry_after, 0.0)
+    headers = {"Retry-After": str(max(1, math.ceil(seconds))), "retry-after-ms": str(round(seconds * 1000))}
+    return error_response(429, str(exc), code="server_overloaded", headers=headers)
+
+
+def _stream_doc(chunk: type[BaseModel], example_chunk: str) -> dict[str, Any]:
+    example = f"data: {example_chunk}\n\n" + DONE
+    return {"responses": {"200": stream_response_doc(chunk, DraftChunk, example)}}
+
+
+_API_DESCRIPTION = """\
+OpenAI-compatible API for DiffusionGemma, a block-diffusion language model: text is produced one canvas (a
+block of tokens) at a time, each canvas denoised in several steps.
+
+* **Streaming** sends one chunk per committed canvas, in OpenAI's chunk format, ending with `data: [DONE]`;
+  `stream_options.include_usage` adds a final chunk with empty `choices` and the `usage`.
+* **Diffusion parameters** (dgserve extensions, optional): `entropy_bound`, `max_denoising_steps`, `t_max`,
+  `t_min`, `ignore_eos`; `seed` makes output reproducible. `temperature` scales the t_max -> t_min schedule;
+  `top_p` < 1, penalties, `n` > 1, logprobs, tools and images are rejected with a 400.
+* **Drafts** (opt-in, `stream_drafts: true`): provisional snapshots of the canvas being denoised, sent as
+  `event: draft` SSE events whose JSON has `object` `"text_completion.draft"` or `"chat.completion.chunk.draft"`,
+  empty `choices` and the snapshot under `dgserve.draft`. They are never part of the committed text: OpenAI
+  clients see a chunk with no choices (like the usage chunk), and EventSource only delivers them to a "draft"
+  listener.
+* **Errors** are OpenAI-style `{"error": {"message", "type", "param", "code"}}`; overload is a 429 with
+  `Retry-After`.
+"""
