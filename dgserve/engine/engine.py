@@ -1,0 +1,451 @@
+"""The step-level continuous-batching engine (no Ray).
+
+Every ``step()`` runs ONE packed forward holding canvases of many requests, each at its own denoising
+step, plus prefill chunks and commits of finished canvases; requests are admitted and retired at
+every step. KV lives in a paged pool with a prefix cache; sampling uses each request's own generator,
+so a seeded request's tokens do not depend on its batch-mates. ``AsyncEngine`` drives ``step()`` from a
+worker thread and streams events to asyncio consumers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from dgserve.engine.kv_pages import BlockTable, KVPagePool, PagedKV
+from dgserve.engine.prefix_cache import PrefixCache
+from dgserve.engine.request import (
+    CanvasEvent,
+    DraftEvent,
+    Event,
+    FinalEvent,
+    FinishReason,
+    GenerationRequest,
+    RequestStats,
+)
+from dgserve.engine.sampler import StabilityTracker, denoise_step, first_eos, random_canvas
+from dgserve.engine.scheduler import SchedulerLimits, SeqView, StepPlan, schedule
+from dgserve.engine.single import make_generator
+from dgserve.model.checkpoint import GenerationDefaults
+from dgserve.model.diffusion_gemma import DiffusionGemma
+from dgserve.model.kv import Segment
+
+log = logging.getLogger(__name__)
+
+
+class EngineConfig(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    kv_cache_memory: int | None = Field(None, gt=0)  # bytes; None: kv_cache_fraction of free device memory
+    kv_cache_fraction: float = Field(0.5, gt=0.0, le=0.95)
+    block_size: int = Field(16, ge=1)
+    max_step_tokens: int = Field(8192, ge=1)
+    max_running: int = Field(64, ge=1)
+    prefill_chunk: int = Field(512, ge=1)
+    max_waiting: int = Field(1024, ge=0)
+    enable_prefix_cache: bool = True
+
+
+class EngineOverloaded(RuntimeError):
+    def __init__(self, waiting: int) -> None:
+        super().__init__(f"engine queue is full ({waiting} waiting)")
+        self.waiting = waiting
+
+
+@dataclass
+class _Seq:
+    req: GenerationRequest
+    arrival: int
+    slot: int
+    tokens: list[int]  # prompt + committed canvases (as encoded)
+    gen: torch.Generator
+    stats: RequestStats
+    started: float
+    phase: str = "waiting"
+    table: BlockTable | None = None
+    cached_len: int = 0
+    out_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    canvas: torch.Tensor | None = None
+    argmax: torch.Tensor | None = None
+    soft: torch.Tensor | None = None
+    tracker: StabilityTracker | None = None
+    cur_step: int = 0
+    steps: int = 0
+    last_served: int = -1
+    canvas_index: int = 0
+    decoder: object | None = None
+
+
+class Engine:
+    def __init__(self, model: DiffusionGemma, generation: GenerationDefaults, tokenizer=None,
+                 config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.generation = generation
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        cfg = model.config
+        self.canvas = cfg.canvas_length
+        self.vocab = cfg.text.vocab_size
+        budget = self.config.kv_cache_memory or _free_memory_budget(model.device, self.config.kv_cache_fraction)
+        self.pool = KVPagePool.from_budget(cfg, budget, block_size=self.config.block_size, dtype=model.dtype,
+                                           device=model.device, max_seqs=self.config.max_running,
+                                           max_chunk=self.config.prefill_chunk)
+        self.prefix_cache = PrefixCache(self.pool) if self.config.enable_prefix_cache else None
+        self.limits = SchedulerLimits(max_step_tokens=max(self.config.max_step_tokens, self.canvas),
+                                      max_running=self.config.max_running, canvas=self.canvas,
+                                      prefill_chunk=self.config.prefill_chunk)
+        self.waiting: deque[_Seq] = deque()
+        self.running: dict[str, _Seq] = {}
+        self._arrivals = 0
+        self._free_slots: list[int] = list(range(self.config.max_running * 2 - 1, -1, -1))
+        self.step_index = 0
+        # rolling stats
+        self.encoder_tokens = 0
+        self.forwards = 0
+        self.canvases_in_forward: deque[int] = deque(maxlen=256)
+        self.tokens_in_forward: deque[int] = deque(maxlen=256)
+        self.completed = 0
+        # test/diagnostic hook: called with (request_id, step, final hidden states [C, H]) of every denoise
+        self.on_denoise = None
+
+    # -- requests ---------------------------------------------------------------------------------
+    def add_request(self, req: GenerationRequest) -> None:
+        if not req.prompt_ids:
+            raise ValueError("the prompt must contain at least one token")
+        if req.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if any(not 0 <= t < self.vocab for t in req.prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab})")
+        if req.request_id in self.running or any(s.req.request_id == req.request_id for s in self.waiting):
+            raise ValueError(f"duplicate request id {req.request_id!r}")
+        need = self.pool.blocks_needed(len(req.prompt_ids) + len(req.committed_ids) + self.canvas).full
+        if need > self.pool.num_blocks("full"):
+            raise ValueError(f"prompt of {len(req.prompt_ids)} tokens cannot fit in the KV cache "
+                             f"({self.pool.token_capacity()} tokens)")
+        if len(self.waiting) >= self.config.max_waiting:
+            raise EngineOverloaded(len(self.waiting))
+        gen = make_generator(req.seed, self.model.device)
+        if req.rng_state is not None:
+            gen.set_state(torch.frombuffer(bytearray(req.rng_state), dtype=torch.uint8))
+        seq = _Seq(req=req, arrival=self._arrivals, slot=-1, tokens=[*req.prompt_ids, *req.committed_ids],
+                   gen=gen, stats=RequestStats(prompt_tokens=len(req.prompt_ids)), started=time.perf_counter())
+        if self.tokenizer is not None:
+            seq.decoder = self.tokenizer.incremental_decoder()
+        self._arrivals += 1
+        self.waiting.append(seq)
+
+    def cancel(self, request_id: str) -> list[Event]:
+        """Free the request's pages now; returns its final event (if it was known)."""
+        for s in list(self.waiting):
+            if s.req.request_id == request_id:
+                self.waiting.remove(s)
+                return [self._finish(s, "cancelled")]
+        s = self.running.get(request_id)
+        return [self._finish(s, "cancelled")] if s is not None else []
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step ---------------------------------------------------------------------------------
+    def plan(self) -> StepPlan:
+        running = [self._view(s) for s in self.running.values()]
+        waiting = [self._view(s) for s in self.waiting]
+        return schedule(running, waiting, self.pool.num_available_blocks("full"), self.limits)
+
+    def step(self) -> list[Event]:
+        events: list[Event] = []
+        plan = self.plan()
+        for rid in plan.preempt:
+            self._preempt(self.running[rid])
+        for rid in plan.admit:
+            seq = next(s for s in self.waiting if s.req.request_id == rid)
+            if not self._admit(seq):
+                break
+        work = [w for w in plan.work if w.request_id in self.running]
+        # memory for writes (commits may need a new canvas' worth of blocks)
+        ready = []
+        for w in work:
+            s = self.running[w.request_id]
+            if w.kind == "commit" and not self.pool.ensure_capacity(s.table, s.cached_len + self.canvas):
+                self._preempt(s)
+                continue
+            ready.append(w)
+        if not ready:
+            self.step_index += 1
+            return events
+        tokens, segments, softs, seqs = [], [], [], []
+        any_soft = False
+        for w in ready:
+            s = self.running[w.request_id]
+            if w.kind == "prefill":
+                ids = s.tokens[s.cached_len:s.cached_len + w.length]
+                segments.append(Segment("encode", s.slot, len(ids), s.cached_len))
+                tokens.append(torch.tensor(ids, dtype=torch.long))
+            elif w.kind == "commit":
+                segments.append(Segment("encode", s.slot, self.canvas, s.cached_len))
+                tokens.append(torch.tensor(s.tokens[s.cached_len:s.cached_len + self.canvas], dtype=torch.long))
+            else:
+                if s.canvas is None:
+                    self._start_canvas(s)
+                segments.append(Segment("denoise", s.slot, self.canvas, s.cached_len))
+                tokens.append(s.canvas.to("cpu"))
+                softs.append(s.soft)
+                any_soft |= s.soft is not None
+            seqs.append((w, s))
+        device = self.model.device
+        soft = None
+        if any_soft:
+            h = self.model.config.text.hidden_size
+            soft = torch.cat([x if x is not None else torch.zeros(self.canvas, h, dtype=self.model.dtype, device=device)
+                              for x in softs])
+        kv = PagedKV(self.pool, {s.slot: s.table for _, s in seqs})
+        hidden = self.model(torch.cat(tokens).to(device), segments, kv, soft)
+        self.forwards += 1
+        self.canvases_in_forward.append(sum(1 for w, _ in seqs if w.kind == "denoise"))
+        self.tokens_in_forward.append(sum(seg.length for seg in segments))
+        offset = 0
+        for (w, s), seg in zip(seqs, segments, strict=True):
+            if w.kind == "denoise":
+                events.extend(self._after_denoise(s, hidden[offset:offset + self.canvas]))
+                offset += self.canvas
+            else:
+                # a prefix-cache hit at admission can leave fewer tokens than the planned chunk
+                self.encoder_tokens += seg.length
+                s.cached_len += seg.length
+                if self.prefix_cache is not None:
+                    self.prefix_cache.insert(s.tokens[:s.cached_len], s.table)
+                self.pool.release_out_of_window(s.table, s.cached_len)
+                if s.cached_len >= len(s.tokens):
+                    s.phase = "denoise"
+        self.step_index += 1
+        return events
+
+    # -- internals --------------------------------------------------------------------------------
+    def _view(self, s: _Seq) -> SeqView:
+        if s.phase == "waiting":
+            need = self.pool.blocks_needed(len(s.tokens) + self.canvas).full
+            return SeqView(s.req.request_id, s.arrival, "waiting", tokens_to_prefill=len(s.tokens), need_blocks=need)
+        held = len(s.table.full) if s.table is not None else 0
+        if s.phase == "commit":
+            need = self.pool.blocks_needed(s.cached_len + self.canvas, s.table).full
+            return SeqView(s.req.request_id, s.arrival, "commit", need_blocks=need, held_blocks=held)
+        if s.phase == "prefill":
+            return SeqView(s.req.request_id, s.arrival, "prefill", tokens_to_prefill=len(s.tokens) - s.cached_len,
+                           held_blocks=held)
+        return SeqView(s.req.request_id, s.arrival, "denoise", held_blocks=held, last_served=s.last_served)
+
+    def _admit(self, s: _Seq) -> bool:
+        table = self.pool.new_table()
+        cached = 0
+        if self.prefix_cache is not None:
+            match = self.prefix_cache.match(s.tokens)
+            self.prefix_cache.attach(table, match)
+            cached = match.num_tokens
+        if not self.pool.ensure_capacity(table, len(s.tokens) + self.canvas):
+            self.pool.free(table)
+            return False
+        self.waiting.remove(s)
+        s.table, s.cached_len, s.phase = table, cached, "prefill"
+        if s.stats.cached_prompt_tokens == 0:
+            s.stats.cached_prompt_tokens = min(cached, len(s.req.prompt_ids))
+        s.slot = self._free_slots.pop()
+        self.running[s.req.request_id] = s
+        return True
+
+    def _preempt(self, s: _Seq) -> None:
+        log.info("preempting %s (%d cached tokens)", s.req.request_id, s.cached_len)
+        self.pool.free(s.table)
+        self._free_slots.append(s.slot)
+        del self.running[s.req.request_id]
+        s.table, s.cached_len, s.slot = None, 0, -1
+        s.phase = "waiting"
+        # back to the queue in arrival order (it is older than anything that arrived after it)
+        idx = next((i for i, w in enumerate(self.waiting) if w.arrival > s.arrival), len(self.waiting))
+        self.waiting.insert(idx, s)
+
+    def _start_canvas(self, s: _Seq) -> None:
+        s.canvas = random_canvas(self.canvas, self.vocab, s.gen, self.model.device)
+        s.argmax = s.canvas
+        s.soft = None
+        s.tracker = StabilityTracker(s.req.sampling)
+        s.cur_step = s.req.sampling.max_denoising_steps
+        s.steps = 0
+
+    def _after_denoise(self, s: _Seq, hidden: torch.Tensor) -> list[Event]:
+        if self.on_denoise is not None:
+            self.on_denoise(s.req.request_id, s.steps, hidden)
+        out = denoise_step(self.model, hidden, s.canvas, s.cur_step, s.req.sampling, s.gen)
+        s.steps += 1
+        s.last_served = self.step_index
+        s.canvas, s.argmax, s.soft = out.canvas, out.argmax, out.soft
+        stop = s.tracker.update(out.argmax, out.entropy)
+        s.cur_step -= 1
+        events: list[Event] = []
+        if s.req.draft_every and s.steps % s.req.draft_every == 0 and not (stop or s.cur_step == 0):
+            ids = out.argmax.tolist()
+            text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+            events.append(DraftEvent(s.req.request_id, ids, text, s.steps))
+        if stop or s.cur_step == 0:
+            events.extend(self._finish_canvas(s))
+        return events
+
+    def _finish_canvas(self, s: _Seq) -> list[Event]:
+        committed = s.argmax.tolist()
+        s.stats.denoise_steps += s.steps
+        s.stats.steps_per_canvas.append(s.steps)
+        s.stats.canvases += 1
+        if s.stats.time_to_first_canvas is None:
+            s.stats.time_to_first_canvas = time.perf_counter() - s.started
+        eos_at = None if s.req.ignore_eos else first_eos(committed, self.generation.eos_token_ids)
+        new = committed if eos_at is None else committed[:eos_at]
+        new = new[: s.req.max_tokens - len(s.out_ids)]
+        finish: FinishReason | None = "stop" if eos_at is not None else None
+        text = s.decoder.push(new) if s.decoder is not None else ""
+        if s.req.stop and s.decoder is not None:
+            # stop strings are matched on committed text; the output is cut where the first one starts
+            full = s.text + text
+            cuts = [i for x in s.req.stop if (i := full.find(x)) >= 0]
+            if cuts:
+                end = min(cuts)
+                text = full[len(s.text):end] if end >= len(s.text) else ""
+                finish = "stop"
+        s.text += text
+        s.out_ids.extend(new)
+        s.canvas_index += 1
+        s.canvas = s.soft = s.tracker = None
+        if finish is None and len(s.out_ids) >= s.req.max_tokens:
+            finish = "length"
+        if finish is None:
+            s.tokens.extend(committed)
+            s.phase = "commit"
+        rng = bytes(s.gen.get_state().numpy().tobytes()) if finish is None else None
+        events: list[Event] = [CanvasEvent(s.req.request_id, new, text, s.canvas_index - 1, rng)]
+        if finish is not None:
+            events.append(self._finish(s, finish))
+        return events
+
+    def _finish(self, s: _Seq, reason: FinishReason, error: str | None = None) -> FinalEvent:
+        if s.req.request_id in self.running:
+            if self.prefix_cache is not None and s.table is not None:
+                self.prefix_cache.insert(s.tokens[:s.cached_len], s.table)
+            self.pool.free(s.table)
+            self._free_slots.append(s.slot)
+            del self.running[s.req.request_id]
+        s.stats.new_tokens = len(s.out_ids)
+        s.stats.seconds = time.perf_counter() - s.started
+        self.completed += 1
+        return FinalEvent(s.req.request_id, reason, s.stats, error)
+
+    # -- stats ------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, float | int]:
+        n = len(self.canvases_in_forward) or 1
+        out: dict[str, float | int] = {
+            "running": len(self.running), "waiting": len(self.waiting),
+            "active_canvases": sum(1 for s in self.running.values() if s.phase == "denoise"),
+            "forwards": self.forwards, "completed": self.completed, "encoder_tokens": self.encoder_tokens,
+            "canvases_per_forward": sum(self.canvases_in_forward) / n,
+            "tokens_per_forward": sum(self.tokens_in_forward) / n,
+            "kv_blocks_used": self.pool.num_used_blocks("full"),
+            "kv_blocks_free": self.pool.num_free_blocks("full"),
+            "kv_bytes_used": self.pool.bytes_used(), "kv_bytes_capacity": self.pool.capacity_bytes(),
+        }
+        if self.prefix_cache is not None:
+            out["prefix_cache_hit_rate"] = self.prefix_cache.stats.hit_rate
+        return out
+
+    def run_until_done(self, max_steps: int = 10_000_000) -> list[Event]:
+        events: list[Event] = []
+        for _ in range(max_steps):
+            if not self.has_work():
+                break
+            events.extend(self.step())
+        return events
+
+
+def _free_memory_budget(device: torch.device, fraction: float) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * fraction)
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        avail = 4 << 30
+    return int(avail * fraction)
+
+
+class AsyncEngine:
+    """Runs ``Engine.step()`` on a worker thread; ``generate()`` streams one request's events."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Event]]] = {}
+        self._stopped = False
+        self._counter = 0
+        self._thread = threading.Thread(target=self._loop, name="dgserve-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopped and not self.engine.has_work():
+                    self._wake.wait()
+                if self._stopped:
+                    return
+                try:
+                    events = self.engine.step()
+                except Exception as exc:  # a failed step must not hang every request: fail them all
+                    log.exception("engine step failed")
+                    events = [self.engine._finish(s, "error", f"engine step failed: {exc}")
+                              for s in [*self.engine.running.values(), *self.engine.waiting]]
+                    self.engine.waiting.clear()
+            for ev in events:
+                self._deliver(ev)
+
+    def _deliver(self, ev: Event) -> None:
+        target = self._queues.get(ev.request_id)
+        if target is not None:
+            loop, queue = target
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        if not request.request_id:
+            self._counter += 1
+            request.request_id = f"req-{self._counter}"
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        rid = request.request_id
+        self._queues[rid] = (asyncio.get_running_loop(), queue)
+        try:
+            with self._wake:
+                self.engine.add_request(request)
+                self._wake.notify()
+            while True:
+                ev = await queue.get()
+                yield ev
+                if isinstance(ev, FinalEvent):
+                    return
+        finally:
+            self._queues.pop(rid, None)
+            with self._wake:
+                self.engine.cancel(rid)
+
+    def stats(self) -> dict[str, float | int]:
+        with self._lock:
+            return self.engine.stats()
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join(timeout=10)
