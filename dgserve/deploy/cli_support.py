@@ -1,0 +1,9 @@
+"""Shared bits of the CLI subcommands."""
+
+from __future__ import annotations
+
+DEFAULT_MODEL = "tiny-random"
+
+
+class UsageError(Exception):
+    """A user-caused error the CLI reports in one line (exit status 2)."""

@@ -1,0 +1,71 @@
+"""``dgserve generate``: one prompt through the single-request loop, locally, no Ray."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dgserve.deploy.cli_support import DEFAULT_MODEL, UsageError
+
+
+class GenerateArgs(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    model: str = DEFAULT_MODEL
+    prompt: str = Field(min_length=1)
+    max_tokens: int = Field(256, ge=1, le=1 << 20)
+    seed: int | None = Field(None, ge=0)
+    steps: int | None = Field(None, ge=1, le=1024)
+    chat: bool = False
+    json_output: bool = False
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+def run(args: GenerateArgs) -> int:
+    import torch
+
+    from dgserve.engine.single import generate_single
+    from dgserve.model.checkpoint import load
+    from dgserve.model.tokenizer import check_no_image_tokens
+
+    loaded = load(args.model, dtype=args.dtype, device=args.device)
+    tok = loaded.tokenizer
+    if tok is None:
+        raise UsageError(f"{args.model}: the checkpoint has no tokenizer.json, so a text prompt cannot be encoded")
+    prompt_ids = tok.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat else tok.encode(args.prompt)
+    check_no_image_tokens(prompt_ids, loaded.config.image_token_id if loaded.config.image_token_id is not None
+                          and loaded.config.image_token_id < loaded.config.text.vocab_size else tok.image_id)
+    sampling = loaded.generation.sampling
+    if args.steps is not None:
+        sampling = sampling.model_copy(update={"max_denoising_steps": args.steps})
+    with torch.inference_mode():
+        result = generate_single(loaded.model, prompt_ids, max_tokens=args.max_tokens, seed=args.seed,
+                                 sampling=sampling, eos_token_ids=loaded.generation.eos_token_ids)
+    text = tok.decode(result.token_ids)
+    if args.json_output:
+        stats = result.stats.as_dict()
+        out = {"text": text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+               "stats": {k: stats[k] for k in ("new_tokens", "canvases", "denoise_steps", "tokens_per_forward",
+                                               "seconds", "tokens_per_second")}}
+        print(json.dumps(out))
+    else:
+        print(text)
+    return 0
+
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    g = sub.add_parser("generate", help="generate text locally, no Ray involved")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or preset (default {DEFAULT_MODEL})")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--steps", type=int, help="max denoising steps per canvas (default: the checkpoint's)")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the checkpoint's chat template")
+    g.add_argument("--json", dest="json_output", action="store_true", help="print one JSON object with stats")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="cpu")
+    g.set_defaults(handler=lambda ns: run(GenerateArgs(**ns)))
