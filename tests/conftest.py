@@ -23,3 +23,38 @@ def reference_checkpoints(tmp_path_factory):
         model = hf_oracle.build_reference(spec)
         out[name] = (model, hf_oracle.save_reference(model, root / name))
     return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every integration test (light settings for a 2-core machine)."""
+    import ray
+
+    from dgserve.cluster.local_ray import start_local_ray
+
+    start_local_ray(num_cpus=4, object_store_bytes=128 << 20, metrics_export_port=_free_port())
+    yield ray
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_http(ray_session):
+    """Serve's HTTP proxy on a free loopback port; returns the base URL."""
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return f"http://127.0.0.1:{port}"

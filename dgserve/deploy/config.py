@@ -56,6 +56,8 @@ class ReplicaSettings(_Strict):
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per rank (1 on GPU nodes)")
     max_ongoing_requests: int = Field(256, ge=1)
     health_check_period_s: float = Field(10.0, gt=0.0)
+    capacity_prior_tokens_per_s: float = Field(
+        200.0, gt=0.0, description="tokens/s a replica is assumed to sustain until it has measured its own")
 
 
 class RouterSettings(_Strict):

@@ -10,7 +10,10 @@ worker thread and streams events to asyncio consumers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
+import queue
 import threading
 import time
 from collections import deque
@@ -83,6 +86,16 @@ class _Seq:
     last_served: int = -1
     canvas_index: int = 0
     decoder: object | None = None
+    prompt_len: int = 0
+
+    def next_boundary(self, chunk: int, canvas: int) -> int:
+        """End of the next prefill chunk. Boundaries are fixed: the prompt in ``chunk``-sized pieces from
+        position 0, then one piece per committed canvas; so recomputing a request's KV after preemption
+        or failover repeats the original arithmetic exactly, whatever else is running."""
+        pos = self.cached_len
+        if pos < self.prompt_len:
+            return min(self.prompt_len, (pos // chunk + 1) * chunk)
+        return min(len(self.tokens), self.prompt_len + ((pos - self.prompt_len) // canvas + 1) * canvas)
 
 
 class Engine:
@@ -100,7 +113,8 @@ class Engine:
                                            device=model.device, max_seqs=self.config.max_running,
                                            max_chunk=self.config.prefill_chunk)
         self.prefix_cache = PrefixCache(self.pool) if self.config.enable_prefix_cache else None
-        self.limits = SchedulerLimits(max_step_tokens=max(self.config.max_step_tokens, self.canvas),
+        self.limits = SchedulerLimits(max_step_tokens=max(self.config.max_step_tokens, self.canvas,
+                                                          self.config.prefill_chunk),
                                       max_running=self.config.max_running, canvas=self.canvas,
                                       prefill_chunk=self.config.prefill_chunk)
         self.waiting: deque[_Seq] = deque()
@@ -118,28 +132,37 @@ class Engine:
         self.on_denoise = None
 
     # -- requests ---------------------------------------------------------------------------------
-    def add_request(self, req: GenerationRequest) -> None:
+    def check_request(self, req: GenerationRequest) -> None:
+        """Raise ValueError (bad request) or EngineOverloaded (queue full); reads state only."""
         if not req.prompt_ids:
             raise ValueError("the prompt must contain at least one token")
         if req.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         if any(not 0 <= t < self.vocab for t in req.prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.vocab})")
-        if req.request_id in self.running or any(s.req.request_id == req.request_id for s in self.waiting):
-            raise ValueError(f"duplicate request id {req.request_id!r}")
         need = self.pool.blocks_needed(len(req.prompt_ids) + len(req.committed_ids) + self.canvas).full
         if need > self.pool.num_blocks("full"):
             raise ValueError(f"prompt of {len(req.prompt_ids)} tokens cannot fit in the KV cache "
                              f"({self.pool.token_capacity()} tokens)")
         if len(self.waiting) >= self.config.max_waiting:
             raise EngineOverloaded(len(self.waiting))
+
+    def add_request(self, req: GenerationRequest) -> None:
+        self.check_request(req)
+        if req.request_id in self.running or any(s.req.request_id == req.request_id for s in self.waiting):
+            raise ValueError(f"duplicate request id {req.request_id!r}")
         gen = make_generator(req.seed, self.model.device)
         if req.rng_state is not None:
             gen.set_state(torch.frombuffer(bytearray(req.rng_state), dtype=torch.uint8))
         seq = _Seq(req=req, arrival=self._arrivals, slot=-1, tokens=[*req.prompt_ids, *req.committed_ids],
-                   gen=gen, stats=RequestStats(prompt_tokens=len(req.prompt_ids)), started=time.perf_counter())
+                   gen=gen, stats=RequestStats(prompt_tokens=len(req.prompt_ids)), started=time.perf_counter(),
+                   prompt_len=len(req.prompt_ids))
         if self.tokenizer is not None:
             seq.decoder = self.tokenizer.incremental_decoder()
+            # failover: the text of these tokens was already streamed; prime the decoder canvas by canvas so
+            # a character split across the canvas boundary comes out exactly as it would have without it
+            for i in range(0, len(req.committed_ids), self.canvas):
+                seq.decoder.push(req.committed_ids[i:i + self.canvas])
         self._arrivals += 1
         self.waiting.append(seq)
 
@@ -187,7 +210,8 @@ class Engine:
         for w in ready:
             s = self.running[w.request_id]
             if w.kind == "prefill":
-                ids = s.tokens[s.cached_len:s.cached_len + w.length]
+                # up to the fixed boundary (a prefix-cache hit at admission may have moved cached_len)
+                ids = s.tokens[s.cached_len:s.next_boundary(self.config.prefill_chunk, self.canvas)]
                 segments.append(Segment("encode", s.slot, len(ids), s.cached_len))
                 tokens.append(torch.tensor(ids, dtype=torch.long))
             elif w.kind == "commit":
@@ -231,16 +255,18 @@ class Engine:
 
     # -- internals --------------------------------------------------------------------------------
     def _view(self, s: _Seq) -> SeqView:
+        chunk = s.next_boundary(self.config.prefill_chunk, self.canvas) - s.cached_len
         if s.phase == "waiting":
             need = self.pool.blocks_needed(len(s.tokens) + self.canvas).full
-            return SeqView(s.req.request_id, s.arrival, "waiting", tokens_to_prefill=len(s.tokens), need_blocks=need)
+            return SeqView(s.req.request_id, s.arrival, "waiting", tokens_to_prefill=len(s.tokens), need_blocks=need,
+                           next_chunk=chunk)
         held = len(s.table.full) if s.table is not None else 0
         if s.phase == "commit":
             need = self.pool.blocks_needed(s.cached_len + self.canvas, s.table).full
             return SeqView(s.req.request_id, s.arrival, "commit", need_blocks=need, held_blocks=held)
         if s.phase == "prefill":
             return SeqView(s.req.request_id, s.arrival, "prefill", tokens_to_prefill=len(s.tokens) - s.cached_len,
-                           held_blocks=held)
+                           held_blocks=held, next_chunk=chunk)
         return SeqView(s.req.request_id, s.arrival, "denoise", held_blocks=held, last_served=s.last_served)
 
     def _admit(self, s: _Seq) -> bool:
@@ -310,6 +336,9 @@ class Engine:
         new = new[: s.req.max_tokens - len(s.out_ids)]
         finish: FinishReason | None = "stop" if eos_at is not None else None
         text = s.decoder.push(new) if s.decoder is not None else ""
+        last = eos_at is not None or len(s.out_ids) + len(new) >= s.req.max_tokens
+        if last and s.decoder is not None:
+            text += s.decoder.flush()  # the final canvas: emit any held-back partial character too
         if s.req.stop and s.decoder is not None:
             # stop strings are matched on committed text; the output is cut where the first one starts
             full = s.text + text
@@ -384,68 +413,87 @@ def _free_memory_budget(device: torch.device, fraction: float) -> int:
 
 
 class AsyncEngine:
-    """Runs ``Engine.step()`` on a worker thread; ``generate()`` streams one request's events."""
+    """Runs ``Engine.step()`` on a worker thread; ``generate()`` streams one request's events.
+
+    The asyncio side never waits for a step: requests and cancellations go through a thread-safe inbox
+    that the worker drains between steps.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)
+        self._inbox: queue.SimpleQueue[tuple[str, GenerationRequest | str]] = queue.SimpleQueue()
+        self._wake = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Event]]] = {}
         self._stopped = False
-        self._counter = 0
+        self._counter = itertools.count(1)
         self._thread = threading.Thread(target=self._loop, name="dgserve-engine", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._stopped and not self.engine.has_work():
-                    self._wake.wait()
-                if self._stopped:
-                    return
+        while not self._stopped:
+            events: list[Event] = []
+            while True:
                 try:
-                    events = self.engine.step()
+                    kind, item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if kind == "add":
+                    assert isinstance(item, GenerationRequest)
+                    try:
+                        self.engine.add_request(item)
+                    except (ValueError, EngineOverloaded) as exc:
+                        events.append(FinalEvent(item.request_id, "error", RequestStats(), str(exc)))
+                else:
+                    events.extend(self.engine.cancel(str(item)))
+            if self.engine.has_work():
+                try:
+                    events.extend(self.engine.step())
                 except Exception as exc:  # a failed step must not hang every request: fail them all
                     log.exception("engine step failed")
-                    events = [self.engine._finish(s, "error", f"engine step failed: {exc}")
-                              for s in [*self.engine.running.values(), *self.engine.waiting]]
+                    seqs = [*self.engine.running.values(), *self.engine.waiting]
+                    events.extend(self.engine._finish(s, "error", f"engine step failed: {exc}") for s in seqs)
                     self.engine.waiting.clear()
+            elif not events:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
             for ev in events:
                 self._deliver(ev)
 
     def _deliver(self, ev: Event) -> None:
         target = self._queues.get(ev.request_id)
         if target is not None:
-            loop, queue = target
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
+            loop, q = target
+            with contextlib.suppress(RuntimeError):  # the consumer's loop may be closed
+                loop.call_soon_threadsafe(q.put_nowait, ev)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        """Raises ValueError / EngineOverloaded before the first event; then yields events to a FinalEvent."""
         if not request.request_id:
-            self._counter += 1
-            request.request_id = f"req-{self._counter}"
-        queue: asyncio.Queue[Event] = asyncio.Queue()
+            request.request_id = f"req-{next(self._counter)}"
+        self.engine.check_request(request)
+        q: asyncio.Queue[Event] = asyncio.Queue()
         rid = request.request_id
-        self._queues[rid] = (asyncio.get_running_loop(), queue)
+        self._queues[rid] = (asyncio.get_running_loop(), q)
+        finished = False
         try:
-            with self._wake:
-                self.engine.add_request(request)
-                self._wake.notify()
+            self._inbox.put(("add", request))
+            self._wake.set()
             while True:
-                ev = await queue.get()
+                ev = await q.get()
                 yield ev
                 if isinstance(ev, FinalEvent):
+                    finished = True
                     return
         finally:
             self._queues.pop(rid, None)
-            with self._wake:
-                self.engine.cancel(rid)
+            if not finished:
+                self._inbox.put(("cancel", rid))
+                self._wake.set()
 
     def stats(self) -> dict[str, float | int]:
-        with self._lock:
-            return self.engine.stats()
+        return self.engine.stats()  # plain reads; a step running concurrently makes them at most one step stale
 
     def shutdown(self) -> None:
-        with self._wake:
-            self._stopped = True
-            self._wake.notify()
+        self._stopped = True
+        self._wake.set()
         self._thread.join(timeout=10)

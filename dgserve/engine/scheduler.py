@@ -30,6 +30,7 @@ class SeqView:
     need_blocks: int = 0  # KV blocks its next write (prefill chunk / commit / admission reservation) needs
     held_blocks: int = 0  # KV blocks it holds (freed if preempted)
     last_served: int = -1  # step index of its last denoise
+    next_chunk: int = 0  # waiting/prefill: length of its next prefill chunk (fixed boundaries; never split)
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,9 @@ def schedule(running: Sequence[SeqView], waiting: Sequence[SeqView], free_blocks
     for v in by_age:
         if v.phase != "prefill" or v.request_id in preempted or budget.tokens <= 0:
             continue
-        n = min(v.tokens_to_prefill, limits.prefill_chunk, budget.tokens)
+        n = _chunk(v, limits)
+        if n > budget.tokens:
+            continue  # chunks are never split: the KV bits must not depend on the load
         need = v.need_blocks
         if not make_room(v, need):
             preempted.add(v.request_id)
@@ -129,9 +132,9 @@ def schedule(running: Sequence[SeqView], waiting: Sequence[SeqView], free_blocks
     n_running = len(running) - len(preempted)
     if not preempted:
         for v in waiting:
-            if n_running >= limits.max_running or budget.tokens <= 0 or budget.blocks < v.need_blocks:
+            n = _chunk(v, limits)
+            if n_running >= limits.max_running or n > budget.tokens or budget.blocks < v.need_blocks:
                 break
-            n = min(v.tokens_to_prefill, limits.prefill_chunk, budget.tokens)
             budget.blocks -= v.need_blocks
             budget.tokens -= n
             n_running += 1
@@ -139,3 +142,7 @@ def schedule(running: Sequence[SeqView], waiting: Sequence[SeqView], free_blocks
             work.append(Work(v.request_id, "prefill", n))
     return StepPlan(work=tuple(work), admit=tuple(admitted), preempt=tuple(sorted(preempted)),
                     free_blocks_after=budget.blocks)
+
+
+def _chunk(v: SeqView, limits: SchedulerLimits) -> int:
+    return v.next_chunk if v.next_chunk > 0 else min(v.tokens_to_prefill, limits.prefill_chunk)

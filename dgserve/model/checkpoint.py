@@ -89,6 +89,32 @@ def load(path_or_preset: str | Path, dtype: str | torch.dtype = torch.float32, d
                        tokenizer=_maybe_tokenizer(path), source=str(path))
 
 
+@dataclass
+class ModelMetadata:
+    """Everything about a checkpoint but its weights (what an ingress needs to tokenize and validate)."""
+
+    config: ModelConfig
+    generation: GenerationDefaults
+    tokenizer: Any | None
+    source: str
+
+
+def load_metadata(path_or_preset: str | Path) -> ModelMetadata:
+    name = str(path_or_preset)
+    if name in PRESETS and not Path(name).exists():
+        config = PRESETS[name]
+        asset = ASSETS / name
+        return ModelMetadata(config, GenerationDefaults(eos_token_ids=config.text.eos_token_id,
+                                                        pad_token_id=config.text.pad_token_id),
+                             _maybe_tokenizer(asset) if asset.is_dir() else None, f"preset:{name}")
+    path = Path(name)
+    if not path.is_dir():
+        raise CheckpointError(
+            f"{name}: not a checkpoint directory and not a preset (presets: {', '.join(sorted(PRESETS))})")
+    config = read_config(path)
+    return ModelMetadata(config, read_generation_config(path, config), _maybe_tokenizer(path), str(path))
+
+
 def read_config(path: Path) -> ModelConfig:
     file = path / "config.json"
     if not file.is_file():

@@ -1,0 +1,190 @@
+"""Serving on a real local Ray Serve with a real HTTP port on 127.0.0.1, called with the official openai
+client: completions, chat, streaming, errors, concurrency, failover, overload, disconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+
+import httpx
+import openai
+import pytest
+
+from dgserve.deploy.config import DeployConfig
+from dgserve.engine.single import generate_single
+from dgserve.model.checkpoint import load
+
+pytestmark = pytest.mark.slow
+MODEL = "tiny-random"
+
+
+def _deploy(serve_http, name: str, route: str, overrides: dict) -> str:
+    from ray import serve
+
+    from dgserve.routing.app import build_app
+
+    base = {"name": name, "route_prefix": route, "model": {"path": MODEL},
+            "replicas": {"num_replicas": 1, "num_cpus": 0.5}, "engine": {"kv_cache_memory": 16 << 20}}
+    for k, v in overrides.items():
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
+    serve.run(build_app(DeployConfig.from_args(base)), name=name, route_prefix=route)
+    return serve_http + (route if route != "/" else "")
+
+
+@pytest.fixture(scope="module")
+def main_app(serve_http):
+    return _deploy(serve_http, "dgserve", "/", {"replicas": {"num_replicas": 2, "num_cpus": 0.5}})
+
+
+@pytest.fixture(scope="module")
+def small_app(serve_http):
+    """One replica that runs one request at a time and queues one: easy to overload."""
+    return _deploy(serve_http, "small", "/small", {
+        "engine": {"kv_cache_memory": 16 << 20, "max_running": 1, "max_waiting": 1, "enable_prefix_cache": False}})
+
+
+@pytest.fixture(scope="module")
+def solo():
+    lm = load(MODEL)
+
+    def run(prompt: str, max_tokens: int, seed: int) -> str:
+        ids = lm.tokenizer.encode(prompt)
+        out = generate_single(lm.model, ids, max_tokens=max_tokens, seed=seed, sampling=lm.generation.sampling,
+                              eos_token_ids=lm.generation.eos_token_ids)
+        return lm.tokenizer.decode(out.token_ids)
+
+    return run
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_openai_client_completions_chat_models(main_app, solo):
+    c = _client(main_app)
+    assert [m.id for m in c.models.list()] == [MODEL]
+    r = c.completions.create(model=MODEL, prompt="Hello", max_tokens=40, seed=7)
+    assert r.choices[0].text == solo("Hello", 40, 7)
+    assert r.usage.completion_tokens <= 40 and r.usage.prompt_tokens > 0
+    chunks = list(c.completions.create(model=MODEL, prompt="Hello", max_tokens=40, seed=7, stream=True,
+                                       stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == r.choices[0].text
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    chat = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=33, seed=2)
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.choices[0].finish_reason in ("stop", "length")
+    stream = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=33,
+                                       seed=2, stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == chat.choices[0].message.content
+
+
+def test_error_statuses_are_typed_exceptions(main_app):
+    c = _client(main_app)
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="no-such-model", prompt="x", max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model=MODEL, prompt="x", max_tokens=4, n=2)
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model=MODEL, prompt="x", max_tokens=4, logprobs=2)
+    with pytest.raises(openai.BadRequestError):
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                  tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model=MODEL, prompt="x " * 5000, max_tokens=4)  # over the context limit
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model=MODEL, prompt="x", max_tokens=-1)
+
+
+def test_32_concurrent_streams_equal_solo_runs(main_app, solo):
+    client = openai.AsyncOpenAI(base_url=main_app + "/v1", api_key="unused", max_retries=0, timeout=300)
+    prompts = [(f"request number {i}", 20 + (i * 7) % 50, 100 + i) for i in range(32)]
+
+    async def one(prompt: str, max_tokens: int, seed: int) -> str:
+        stream = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, seed=seed,
+                                                 stream=True)
+        return "".join([ch.choices[0].text async for ch in stream if ch.choices])
+
+    async def main():
+        return await asyncio.gather(*(one(*p) for p in prompts))
+
+    texts = asyncio.run(main())
+    for (prompt, max_tokens, seed), text in zip(prompts, texts, strict=True):
+        assert text == solo(prompt, max_tokens, seed), prompt
+
+
+def _replica_actors(app_name: str):
+    import ray
+
+    actors = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if f"SERVE_REPLICA::{app_name}#ModelReplica" in entry["name"]:
+            with contextlib.suppress(ValueError):  # died in between
+                actors.append(ray.get_actor(entry["name"], namespace=entry["namespace"]))
+    return actors
+
+
+def test_failover_mid_stream_keeps_the_text(main_app, solo):
+    import ray
+
+    prompt, max_tokens, seed = "a long story", 32 * 6, 11
+    expected = solo(prompt, max_tokens, seed)
+    assert len(_replica_actors("dgserve")) == 2
+    received = ""
+    killed = False
+    with httpx.stream("POST", main_app + "/v1/completions", timeout=300,
+                      json={"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "seed": seed,
+                            "stream": True}) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            if chunk.get("choices"):
+                received += chunk["choices"][0]["text"]
+            if received and not killed:
+                # the replica that runs the request reports it in its routing stats
+                for actor in _replica_actors("dgserve"):
+                    stats = ray.get(actor.record_routing_stats.remote())
+                    if stats.get("running", 0) > 0:
+                        ray.kill(actor, no_restart=False)
+                        killed = True
+                        break
+    assert killed
+    assert received == expected
+
+
+def test_overload_answers_429_with_retry_after(small_app):
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as client:
+            body = {"model": MODEL, "prompt": "busy", "max_tokens": 32 * 8, "seed": 1}
+            return await asyncio.gather(*(client.post(small_app + "/v1/completions", json=body) for _ in range(6)))
+
+    responses = asyncio.run(main())
+    codes = sorted(r.status_code for r in responses)
+    assert 429 in codes and 200 in codes, codes
+    for r in responses:
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"]["type"]
+
+
+def test_client_disconnect_frees_engine_memory(small_app):
+    import ray
+
+    with httpx.stream("POST", small_app + "/v1/completions", timeout=60,
+                      json={"model": MODEL, "prompt": "go", "max_tokens": 32 * 50, "seed": 3, "stream": True}) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                break  # first canvas arrived: hang up
+    actor = _replica_actors("small")[0]
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        stats = ray.get(actor.record_routing_stats.remote())
+        if stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_blocks_used"] == 0:
+            break
+        time.sleep(0.2)
+    assert stats["running"] == 0 and stats["waiting"] == 0
+    assert stats["kv_blocks_used"] == 0  # every page of the abandoned request is back in the pool
