@@ -40,7 +40,9 @@ def ray_session():
 
     from dgserve.cluster.local_ray import start_local_ray
 
-    start_local_ray(num_cpus=4, object_store_bytes=128 << 20, metrics_export_port=_free_port())
+    port = _free_port()
+    start_local_ray(num_cpus=4, object_store_bytes=128 << 20, metrics_export_port=port)
+    ray.dgserve_metrics_port = port  # for tests that scrape Ray's metrics endpoint
     yield ray
     try:
         from ray import serve

@@ -99,6 +99,12 @@ class LocalDispatcher:
 
     def __init__(self) -> None:
         self.last_counts: dict[int, torch.Tensor] = {}  # layer -> tokens per expert of the last call
+        self._totals: dict[int, torch.Tensor] = {}  # layer -> tokens per expert since the last drain (on device)
+
+    def drain_counts(self) -> dict[int, list[int]]:
+        """Tokens routed to each expert, per layer, since the previous drain (for metrics)."""
+        totals, self._totals = self._totals, {}
+        return {layer: t.tolist() for layer, t in totals.items()}
 
     def __call__(
         self, layer: int, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
@@ -109,6 +115,8 @@ class LocalDispatcher:
         sorted_expert, perm = torch.sort(flat_expert)
         counts = torch.bincount(sorted_expert, minlength=len(experts.expert_ids))
         self.last_counts[layer] = counts
+        prev = self._totals.get(layer)
+        self._totals[layer] = counts if prev is None else prev + counts
         y = grouped_expert_mlp(x[perm // k], counts, experts)  # [T*K, H], sorted order
         weighted = y * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
         inv = torch.empty_like(perm)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -74,6 +75,13 @@ class ModelReplica:
         st = self.engine.stats()
         if self.metrics is not None:
             self.metrics.on_engine_stats(st)
+            # throughput vs capacity gauges, also when autoscaling (which asks for them too) is off
+            self.metrics.on_autoscaling_stats(self.capacity.autoscaling_stats(st))
+            drain = getattr(self.engine.model.dispatcher, "drain_counts", None)
+            if drain is not None:
+                counts = drain()
+                if counts:
+                    self.metrics.on_expert_counts(counts, 1.0)  # one device: no rank imbalance
         return {
             "active_canvases": st["active_canvases"], "running": st["running"], "waiting": st["waiting"],
             "free_kv_blocks": st["kv_blocks_free"], "kv_blocks_used": st["kv_blocks_used"],
@@ -89,6 +97,10 @@ class ModelReplica:
     def engine_stats(self) -> dict:
         return self.engine.stats()
 
+    def process_stats(self) -> dict:
+        """This replica's process id and resident memory (bytes; 0 where /proc is unavailable)."""
+        return {"pid": os.getpid(), "rss_bytes": _rss_bytes()}
+
     def check_health(self) -> None:
         if not self.aengine._thread.is_alive():
             raise RuntimeError("engine worker thread died")
@@ -97,6 +109,14 @@ class ModelReplica:
         aengine = getattr(self, "aengine", None)
         if aengine is not None:
             aengine.shutdown()
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        return 0
 
 
 def _maybe_metrics(model_id: str):

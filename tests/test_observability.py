@@ -1,0 +1,142 @@
+"""Observability and autoscaling against the real thing: Prometheus (Debian's package) scraping Ray's
+metrics port while the app serves load, and the throughput policy scaling a deployment 1 -> 2 -> 1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+
+import httpx
+import pytest
+
+from dgserve.deploy.config import DeployConfig
+from dgserve.deploy.dashboards import all_panel_queries
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def prometheus(ray_session, tmp_path_factory):
+    exe = shutil.which("prometheus")
+    if exe is None:
+        pytest.skip("Debian's prometheus package is not installed (.ci/run installs it)")
+    root = tmp_path_factory.mktemp("prometheus")
+    target = f"127.0.0.1:{ray_session.dgserve_metrics_port}"
+    (root / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"scrape_configs:\n  - job_name: ray\n    static_configs:\n      - targets: ['{target}']\n")
+    port = _free_port()
+    proc = subprocess.Popen([exe, f"--config.file={root / 'prometheus.yml'}", f"--storage.tsdb.path={root / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url + "/-/ready", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def _query(url: str, expr: str) -> list:
+    q = urllib.parse.urlencode({"query": expr})
+    with urllib.request.urlopen(f"{url}/api/v1/query?{q}", timeout=10) as resp:
+        body = json.loads(resp.read())
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def _deploy(serve_http, name: str, route: str, args: dict) -> str:
+    from ray import serve
+
+    from dgserve.routing.app import build_app
+
+    serve.run(build_app(DeployConfig.from_args(args)), name=name, route_prefix=route)
+    return serve_http + route
+
+
+async def _load(url: str, n: int, max_tokens: int, concurrency: int) -> list[int]:
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=300) as client:
+        async def one(i: int) -> int:
+            async with sem:
+                r = await client.post(url + "/v1/completions", json={
+                    "model": "tiny-random", "prompt": f"shared system prompt {i % 3}", "max_tokens": max_tokens,
+                    "seed": i})
+                return r.status_code
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def test_every_dashboard_query_returns_data(serve_http, prometheus):
+    url = _deploy(serve_http, "metrics", "/metrics-app", {
+        "name": "metrics", "route_prefix": "/metrics-app",
+        "replicas": {"num_replicas": 1, "num_cpus": 0.5},
+        "engine": {"kv_cache_memory": 16 << 20, "max_running": 4, "max_waiting": 2}})
+    codes = asyncio.run(_load(url, 16, 64, concurrency=8))
+    assert 200 in codes
+    queries = all_panel_queries()
+    assert len(queries) > 10
+    missing = list(queries)
+    deadline = time.time() + 90
+    while missing and time.time() < deadline:
+        missing = [q for q in missing if not _query(prometheus, q)]
+        if missing:
+            asyncio.run(_load(url, 4, 32, concurrency=4))  # keep rates non-zero while Prometheus catches up
+            time.sleep(1)
+    assert not missing, f"{len(missing)} panel queries returned no data, e.g. {missing[:3]}"
+
+
+def test_load_ramp_scales_1_to_2_and_back(serve_http):
+    from ray import serve
+
+    url = _deploy(serve_http, "autoscale", "/autoscale", {
+        "name": "autoscale", "route_prefix": "/autoscale",
+        "replicas": {"num_cpus": 0.25, "capacity_prior_tokens_per_s": 50.0,
+                     "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_utilization": 0.5,
+                                     "smoothing_window_s": 4.0, "upscale_delay_s": 2.0,
+                                     "downscale_delay_s": 6.0, "metrics_interval_s": 0.5}},
+        "engine": {"kv_cache_memory": 16 << 20}})
+
+    def replicas() -> int:
+        status = serve.status().applications["autoscale"].deployments["ModelReplica"]
+        return sum(n for state, n in status.replica_states.items() if str(state).endswith("RUNNING"))
+
+    assert replicas() == 1
+    t0 = time.time()
+    peak = 1
+
+    async def ramp():
+        nonlocal peak
+        task = asyncio.ensure_future(_load(url, 60, 96, concurrency=12))
+        while not task.done():
+            peak = max(peak, replicas())
+            if peak >= 2:
+                break
+            await asyncio.sleep(0.5)
+        await task
+
+    asyncio.run(ramp())
+    assert peak == 2, "the deployment did not scale up under load"
+    up_after = time.time() - t0
+    deadline = time.time() + 90
+    while replicas() > 1 and time.time() < deadline:
+        time.sleep(1)
+    assert replicas() == 1, "the deployment did not scale back down when the load stopped"
+    assert up_after < 240
