@@ -358,6 +358,45 @@ def packed_measure(suite: Suite, model: DiffusionGemma, canvases: int) -> dict[s
     }
 
 
+def engine_measure(suite: Suite, model: DiffusionGemma, concurrent: int) -> dict[str, Any]:
+    """The continuous-batching engine end to end: ``concurrent`` requests arrive together, each a short prompt
+    and one canvas of new tokens at a fixed number of denoising steps; aggregate tokens/s over the wall time
+    from submission to the last token (prefill and every step included), and time to first canvas."""
+    from dgserve.engine.engine import Engine, EngineConfig
+    from dgserve.engine.request import FinalEvent, GenerationRequest
+    from dgserve.model.checkpoint import GenerationDefaults
+
+    cfg, s = model.config, suite.settings
+    canvas_len = cfg.canvas_length
+    steps = s.steps[0]
+    prompts = random_prompts(concurrent, s.prompt_len, cfg.text.vocab_size, s.seed + 5)
+    kv_bytes = (4 << 30) if model.device.type == "cuda" else (64 << 20)
+    engine = Engine(model, GenerationDefaults(eos_token_ids=()), None, EngineConfig(
+        kv_cache_memory=kv_bytes, max_running=max(concurrent, 1), prefill_chunk=512,
+        max_step_tokens=concurrent * (canvas_len + s.prompt_len) + 512, enable_prefix_cache=False))
+    params = sampling_params(steps)
+
+    def run() -> list[FinalEvent]:
+        for i, p in enumerate(prompts):
+            engine.add_request(GenerationRequest(prompt_ids=p, max_tokens=canvas_len, seed=s.seed + i,
+                                                 sampling=params, request_id=f"e{i}", ignore_eos=True))
+        return [e for e in engine.run_until_done() if isinstance(e, FinalEvent)]
+
+    finals, wall = suite.timed(run)
+    tokens = sum(f.stats.new_tokens for f in finals)
+    ttfc = [f.stats.time_to_first_canvas for f in finals if f.stats.time_to_first_canvas is not None]
+    return {
+        "label": "continuous-batching engine, all requests arriving together", "concurrent": concurrent,
+        "steps_per_canvas": steps, "new_tokens": tokens, "wall_s": round(wall, 4),
+        "aggregate_tokens_per_s": round(tokens / wall, 3),
+        "per_request_tokens_per_s": round(tokens / wall / max(1, concurrent), 3),
+        "mean_time_to_first_canvas_s": round(statistics.mean(ttfc), 4) if ttfc else None,
+        "forwards": engine.forwards,
+        "ms_per_forward": round(1000 * wall / max(1, engine.forwards), 3),
+        "max_canvases_per_forward": max(engine.canvases_in_forward, default=0),
+    }
+
+
 # -- report --------------------------------------------------------------------------------------------
 
 
@@ -446,6 +485,21 @@ def markdown(r: dict[str, Any]) -> str:
                      f"| {_fmt(e['step_ms'])} | {_fmt(e['commit_ms'])} | {_fmt(e['implied_tokens_per_s'])} "
                      f"| {_fmt(e['implied_tokens_per_s_forward_only'])} | {_fmt(e['peak_gib'], 2)} "
                      f"| {_fmt(e['fits'])} |")
+    if r.get("engine"):
+        lines += ["", "## Continuous-batching engine (requests arriving together, one canvas each)", "",
+                  "| concurrent | new tokens | wall s | aggregate tok/s | per-request tok/s | mean TTFC s "
+                  "| forwards | ms/forward | max canvases/forward | peak GiB |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for name, e in r["engine"].items():
+            st = _status(e)
+            if st:
+                lines.append(f"| {name.removeprefix('concurrent_')} | {st} |")
+                continue
+            lines.append(f"| {e['concurrent']} | {e['new_tokens']} | {_fmt(e['wall_s'], 3)} "
+                         f"| {_fmt(e['aggregate_tokens_per_s'])} | {_fmt(e['per_request_tokens_per_s'])} "
+                         f"| {_fmt(e['mean_time_to_first_canvas_s'], 3)} | {e['forwards']} "
+                         f"| {_fmt(e['ms_per_forward'])} | {e['max_canvases_per_forward']} "
+                         f"| {_fmt(e['peak_gib'], 2)} |")
     if r.get("ratios"):
         lines += ["", "## Ratios", ""]
         lines += [f"- {k}: {_fmt(v, 2)}x" for k, v in r["ratios"].items()]
@@ -477,7 +531,8 @@ def finish(suite: Suite) -> None:
         e = packed.get(f"canvases_{c}", {})
         if e.get("oom"):
             e["fits"] = False
-    r["problems"] = [f"{sec}/{name}: {_status(e)}" for sec in ("diffusion", "generate_single", "ar", "packed")
+    r["problems"] = [f"{sec}/{name}: {_status(e)}" for sec in ("diffusion", "generate_single", "ar", "packed",
+                                                                  "engine")
                      for name, e in r.get(sec, {}).items() if _status(e)]
     r["meta"]["total_s"] = round(elapsed(), 1)
     suite.save()
@@ -514,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "settings": {k: v for k, v in vars(s).items()},
         "memory": {"peak_gib": 0.0},
-        "diffusion": {}, "generate_single": {}, "ar": {}, "packed": {},
+        "diffusion": {}, "generate_single": {}, "ar": {}, "packed": {}, "engine": {},
     }
     out = Path(s.out)
     print(f"dgserve GPU suite: {s.config} on {device_name}, torch {torch.__version__}, out {out}", flush=True)
@@ -547,6 +602,8 @@ def main(argv: list[str] | None = None) -> int:
         _free(device)
     suite.measure("diffusion", f"steps_{head}", lambda: diffusion_instrumented(suite, model, prompt, head))
     suite.measure("ar", "batch_1", lambda: ar_measure(suite, model, 1, ar_tokens))
+    for c in s.canvases:
+        suite.measure("engine", f"concurrent_{c}", lambda c=c: engine_measure(suite, model, c))
     for c in s.canvases:
         suite.measure("packed", f"canvases_{c}", lambda c=c: packed_measure(suite, model, c))
     for steps in more_steps:
