@@ -121,4 +121,4 @@ class LocalDispatcher:
         weighted = y * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.shape[0], device=perm.device)
-        return weighted[inv].view(num_tokens, k, -1).float().sum(dim=1).to(x.dtype)
+        return weighted[inv].view(num_tokens, k, x.shape[1]).float().sum(dim=1).to(x.dtype)
