@@ -188,3 +188,17 @@ def test_client_disconnect_frees_engine_memory(small_app):
         time.sleep(0.2)
     assert stats["running"] == 0 and stats["waiting"] == 0
     assert stats["kv_blocks_used"] == 0  # every page of the abandoned request is back in the pool
+
+
+def test_expert_parallel_gang_serves_the_same_text(serve_http, solo):
+    """ep_size=2: two gang-scheduled ranks hold half the experts each; a request on either rank gives the
+    single-device text for its seed."""
+    url = _deploy(serve_http, "ep", "/ep", {"replicas": {"num_replicas": 1, "ep_size": 2, "num_cpus": 0.5},
+                                            "engine": {"kv_cache_memory": 16 << 20, "max_running": 8}})
+    c = _client(url)
+    for seed in (5, 6, 7):
+        r = c.completions.create(model=MODEL, prompt="expert parallel", max_tokens=40, seed=seed)
+        assert r.choices[0].text == solo("expert parallel", 40, seed)
+    from ray import serve
+
+    serve.delete("ep")

@@ -52,6 +52,8 @@ class ReplicaSettings(_Strict):
     num_replicas: int = Field(1, ge=1, description="fixed replica (or EP gang) count when autoscaling is off")
     autoscaling: AutoscalingSettings | None = None
     ep_size: int = Field(1, ge=1, description="expert-parallel ranks per model instance (a gang)")
+    ep_placement: Literal["contiguous", "load_aware"] = Field(
+        "load_aware", description="expert -> rank map, computed at (re)start from observed per-expert load")
     num_cpus: float = Field(1.0, ge=0.0)
     num_gpus: float = Field(0.0, ge=0.0, description="GPUs per rank (1 on GPU nodes)")
     max_ongoing_requests: int = Field(256, ge=1)

@@ -46,14 +46,18 @@ class ModelReplica:
         device = resolve_device(self.config.model.device)
         started = time.perf_counter()
         loaded = load(self.config.model.path, dtype=self.config.model.dtype, device=device)
-        self.model_config = loaded.config
-        self.engine = Engine(loaded.model, loaded.generation, loaded.tokenizer, self.config.engine)
-        self.aengine = AsyncEngine(self.engine)
+        engine = Engine(loaded.model, loaded.generation, loaded.tokenizer, self.config.engine)
+        self._setup(engine, AsyncEngine(engine))
+        log.info("replica ready: %s on %s in %.1fs", self.config.model.path, device, time.perf_counter() - started)
+
+    def _setup(self, engine: Engine, aengine) -> None:
+        """``aengine``: anything with ``generate(request)``, ``stats()``, ``shutdown()`` over ``engine``."""
+        self.engine = engine
+        self.aengine = aengine
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.capacity = CapacityEstimator(self.config.replicas.capacity_prior_tokens_per_s,
                                           max_canvases=self.config.engine.max_running)
         self.metrics = _maybe_metrics(self.config.model.model_id)
-        log.info("replica ready: %s on %s in %.1fs", self.config.model.path, device, time.perf_counter() - started)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         key = affinity_key(request.prompt_ids, self.engine.pool.block_size, self.config.router.affinity_prefix_tokens)
@@ -104,6 +108,24 @@ class ModelReplica:
     def check_health(self) -> None:
         if not self.aengine._thread.is_alive():
             raise RuntimeError("engine worker thread died")
+
+
+class EPModelReplica(ModelReplica):
+    """One rank of an expert-parallel gang: the same API as ModelReplica (so the router and the ingress
+    treat ranks as replicas: data-parallel attention, each rank its own requests), with the MoE layers
+    exchanging tokens with the other ranks of its gang in lockstep."""
+
+    def __init__(self, args: dict) -> None:
+        from dgserve.replicas.ep_rank import EPRankReplica
+
+        self.config = DeployConfig.from_args(args)
+        self.rank = EPRankReplica(self.config.model.path, dtype=self.config.model.dtype,
+                                  placement=self.config.replicas.ep_placement,
+                                  engine_config=self.config.engine.model_dump())
+        self._setup(self.rank.engine.engine, self.rank.engine)
+
+    def check_health(self) -> None:
+        self.rank.check_health()
 
     def __del__(self) -> None:
         aengine = getattr(self, "aengine", None)

@@ -14,6 +14,7 @@ from dgserve.deploy.config import DeployConfig
 from dgserve.model.checkpoint import load_metadata
 from dgserve.replicas.metrics import ReplicaMetrics
 from dgserve.replicas.model_replica import ModelReplica
+from dgserve.routing.auth import APIKeyMiddleware, APIKeyStore, serve_key_counter
 from dgserve.routing.ingress_app import build_fastapi_app
 from dgserve.routing.replica_backend import ReplicaBackend
 
@@ -31,9 +32,13 @@ class Ingress:
         self.metadata = load_metadata(self.config.model.path)
         self.metrics = ReplicaMetrics(self.config.model.model_id)
         self.backend = ReplicaBackend(replica_handle, self.metadata, self.config, on_failover=self.metrics.on_failover)
+        self.keys = APIKeyStore.from_settings(self.config.auth)  # APIKeyError: a bad key file fails the deploy
+        if self.keys is not None:
+            log.info("API keys required on /v1: %s", ", ".join(self.keys.names))
 
     def __serve_build_asgi_app__(self):
-        app = build_fastapi_app(self.backend, self.config.ingress)
+        keys = self.keys
+        app = build_fastapi_app(self.backend, self.config.ingress, authorize=keys.authorize if keys else None)
         metrics = self.metrics
 
         @app.middleware("http")
@@ -43,6 +48,10 @@ class Ingress:
                 metrics.on_rejected(response.status_code)
             return response
 
+        if keys is not None:  # outermost: keys and per-key limits are checked before anything reads the body
+            app.add_middleware(APIKeyMiddleware, keys=keys, max_concurrent=self.config.auth.max_concurrent_per_key,
+                               on_response=serve_key_counter(self.config.model.model_id),
+                               on_reject=metrics.on_rejected)
         return app
 
 
@@ -73,8 +82,14 @@ def replica_options(config: DeployConfig) -> dict:
 
 def build_app(config: DeployConfig) -> serve.Application:
     if config.replicas.ep_size > 1:
-        raise ValueError("ep_size > 1 (expert-parallel gangs) is not wired into the serving app yet")
-    replica = serve.deployment(ModelReplica, name="ModelReplica", **replica_options(config))
+        from dgserve.cluster.gang import gang_scheduling_config
+        from dgserve.replicas.model_replica import EPModelReplica
+
+        opts = replica_options(config)
+        opts["gang_scheduling_config"] = gang_scheduling_config(config.replicas.ep_size)
+        replica = serve.deployment(EPModelReplica, name="ModelReplica", **opts)
+    else:
+        replica = serve.deployment(ModelReplica, name="ModelReplica", **replica_options(config))
     ingress = serve.deployment(Ingress, name="Ingress", num_replicas=1, max_ongoing_requests=4096,
                                ray_actor_options={"num_cpus": 0.1})
     return ingress.bind(replica.bind(config.serve_args()), config.serve_args())

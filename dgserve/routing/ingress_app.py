@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest, SamplingParams
 from dgserve.routing.errors import OpenAIHTTPError, describe_validation_errors, error_response, install_error_handlers
+from dgserve.routing.limits import InFlightLimitMiddleware
 from dgserve.routing.openai_protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -104,8 +105,17 @@ class IngressSettings(BaseModel):
         600.0, gt=0, description="Wall-clock limit per request: 408 before a stream starts, an error event after.")
     default_max_tokens: int | None = Field(
         None, ge=1, description="max_tokens when a request gives none (None: what is left of the context).")
+    max_tokens_limit: int | None = Field(
+        8192, ge=1, description="Largest max_tokens a request may ask for (more is a 400); also caps the default. "
+        "None: only the context window limits it.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Longest prompt, in tokens, a request may send (longer is a 400). None: the context "
+        "window less one token.")
     default_draft_every: int = Field(4, ge=1, description="Denoising steps between drafts when a request sets "
                                      "stream_drafts without draft_every.")
+    max_concurrent_requests: int | None = Field(
+        None, ge=1, description="Generation requests this ingress runs at once; more are answered 429 with "
+        "Retry-After before their body is read. None: no limit here (the replicas' queues bound the load).")
 
 
 Authorizer = Callable[[str | None], Awaitable[bool]]
@@ -165,7 +175,10 @@ def build_fastapi_app(backend: ChatBackend, settings: IngressSettings | None = N
     install_error_handlers(app)
     app.add_exception_handler(OverloadedError, _overloaded)  # type: ignore[arg-type]
     app.add_exception_handler(ClientDisconnected, _client_gone)  # type: ignore[arg-type]
+    app.add_exception_handler(InvalidPromptError, _invalid_prompt)  # type: ignore[arg-type]
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.max_concurrent_requests is not None:
+        app.add_middleware(InFlightLimitMiddleware, max_in_flight=settings.max_concurrent_requests)
     v1 = {"dependencies": [Depends(_bearer_check(authorize))] if authorize else [],
           "responses": {**_ERROR_DOCS, 401: {"model": ErrorResponse, "description": "Missing or bad API key."}}
           if authorize else _ERROR_DOCS}
@@ -276,8 +289,16 @@ class _OpenAIRoutes:
             raise OpenAIHTTPError(400, f"This model's maximum context length is {limit} tokens, and your prompt "
                                   f"has {n_prompt} tokens, leaving no room for the completion. Please shorten "
                                   "the prompt.", param=param, code="context_length_exceeded")
+        prompt_cap, cap = self.settings.max_prompt_tokens, self.settings.max_tokens_limit
+        if prompt_cap is not None and n_prompt > prompt_cap:
+            raise OpenAIHTTPError(400, f"Your prompt has {n_prompt} tokens; this server accepts at most {prompt_cap} "
+                                  "prompt tokens per request. Please shorten the prompt.", param=param,
+                                  code="prompt_too_long")
+        if cap is not None and asked is not None and asked > cap:
+            raise OpenAIHTTPError(400, f"max_tokens is {asked}; this server generates at most {cap} tokens per "
+                                  "request. Please lower max_tokens.", param="max_tokens", code="max_tokens_too_large")
         if asked is None:
-            return min(self.settings.default_max_tokens or room, room)
+            return min(self.settings.default_max_tokens or room, room, cap or room)
         if asked > room:
             raise OpenAIHTTPError(400, f"This model's maximum context length is {limit} tokens. However, you "
                                   f"requested {n_prompt + asked} tokens ({n_prompt} in the prompt, {asked} for the "
@@ -431,6 +452,11 @@ def _bearer_check(authorize: Authorizer) -> Callable[..., Awaitable[None]]:
 
 async def _client_gone(_: Request, __: ClientDisconnected) -> Response:
     return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+
+
+async def _invalid_prompt(_: Request, exc: InvalidPromptError) -> JSONResponse:
+    # raised by the backend when the engine refuses the prompt (e.g. larger than the KV cache), before any output
+    return error_response(400, str(exc) or "The prompt cannot be served.", code="invalid_prompt")
 
 
 async def _overloaded(_: Request, exc: OverloadedError) -> JSONResponse:

@@ -65,7 +65,8 @@ def stream_response_doc(chunk: type[BaseModel], draft: type[BaseModel], example:
         ),
         "content": {
             "text/event-stream": {
-                "schema": {"type": "string", "description": "An SSE stream; see x-dgserve-events."},
+                "schema": _event_schema(ref.format(chunk.__name__), ref.format("ErrorResponse"),
+                                        ref.format(draft.__name__)),
                 "example": example,
                 "x-dgserve-events": {
                     "message": {"oneOf": [{"$ref": ref.format(chunk.__name__)},
@@ -74,6 +75,28 @@ def stream_response_doc(chunk: type[BaseModel], draft: type[BaseModel], example:
                 },
             }
         },
+    }
+
+
+def _event_schema(chunk_ref: str, error_ref: str, draft_ref: str) -> dict[str, Any]:
+    """One SSE event as parsed (``{"event", "data", "id"?}``), the Open API 3.1 convention for a stream's
+    ``schema`` (3.2 calls it ``itemSchema``): ``data`` is JSON by ``contentMediaType``/``contentSchema``, except
+    the closing ``[DONE]``. Tools such as schemathesis validate every event of a response against it."""
+
+    def json_data(*refs: str) -> dict[str, Any]:
+        return {"type": "string", "contentMediaType": "application/json",
+                "contentSchema": {"anyOf": [{"$ref": r} for r in refs]}}
+
+    return {
+        "type": "object",
+        "description": "One Server-Sent Event: `event` (\"message\" when the stream sends none) and its `data`.",
+        "required": ["data"],
+        "properties": {"event": {"type": "string", "enum": ["message", "draft"]}, "data": {"type": "string"},
+                       "id": {"type": "string"}, "retry": {"type": "integer"}},
+        "if": {"properties": {"event": {"const": "draft"}}, "required": ["event"]},
+        "then": {"properties": {"data": json_data(draft_ref)}},
+        "else": {"properties": {"data": {"if": {"const": DONE.removeprefix("data: ").strip()},
+                                         "else": json_data(chunk_ref, error_ref)}}},
     }
 
 

@@ -1,0 +1,101 @@
+"""A ``ChatBackend`` over an in-process ``AsyncEngine``: the OpenAI API without Ray.
+
+``build_fastapi_app(LocalBackend.load("tiny-random"))`` is a complete server in one process: what the
+schema fuzzer drives, and a way to serve a checkpoint locally the way ``dgserve generate`` runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from dgserve.engine.engine import AsyncEngine, Engine, EngineConfig, EngineOverloaded
+from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest
+from dgserve.model.checkpoint import LoadedModel, load
+from dgserve.model.generation_config import SamplingParams
+from dgserve.model.tokenizer import TokenizerError, check_no_image_tokens
+from dgserve.routing.ingress_app import InvalidPromptError, OverloadedError
+
+
+class LocalBackend:
+    """Tokenizes with the checkpoint's tokenizer and generates on an engine running in this process."""
+
+    def __init__(self, loaded: LoadedModel, engine_config: EngineConfig | None = None,
+                 model_id: str | None = None, retry_after_s: float = 1.0) -> None:
+        if loaded.tokenizer is None:
+            raise ValueError(f"{loaded.source}: the checkpoint has no tokenizer; the API needs one")
+        self._loaded = loaded
+        self._model_id = model_id or loaded.source.removeprefix("preset:").rstrip("/").split("/")[-1]
+        self._retry_after_s = retry_after_s
+        self.engine = Engine(loaded.model, loaded.generation, loaded.tokenizer, engine_config)
+        self.aengine = AsyncEngine(self.engine)
+
+    @classmethod
+    def load(cls, path: str, *, dtype: str = "float32", device: str = "cpu",
+             engine_config: EngineConfig | None = None, model_id: str | None = None) -> LocalBackend:
+        return cls(load(path, dtype=dtype, device=device), engine_config, model_id or path.rstrip("/").split("/")[-1])
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def max_context(self) -> int:
+        return self._loaded.config.text.max_position_embeddings
+
+    @property
+    def sampling_defaults(self) -> SamplingParams:
+        return self._loaded.generation.sampling
+
+    def _check_ids(self, ids: list[int]) -> list[int]:
+        vocab = self._loaded.config.text.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidPromptError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        image_id = self._loaded.config.image_token_id
+        try:
+            check_no_image_tokens(ids, image_id if image_id is not None and image_id < vocab
+                                  else self._loaded.tokenizer.image_id)
+        except TokenizerError as exc:
+            raise InvalidPromptError(str(exc)) from exc
+        return ids
+
+    async def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            return self._check_ids(list(prompt))
+        return self._check_ids(self._loaded.tokenizer.encode(prompt))
+
+    async def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        try:
+            return self._check_ids(self._loaded.tokenizer.encode_chat(messages))
+        except TokenizerError as exc:
+            raise InvalidPromptError(str(exc)) from exc
+
+    async def ready(self) -> bool:
+        return self.aengine._thread.is_alive()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
+        events = self.aengine.generate(request)
+        yielded = False
+        try:
+            try:
+                first = await anext(events)
+            except EngineOverloaded as exc:
+                raise OverloadedError(self._retry_after_s) from exc
+            except ValueError as exc:
+                raise InvalidPromptError(str(exc)) from exc
+            event: Event = first
+            while True:
+                if (isinstance(event, FinalEvent) and event.finish_reason == "error" and not yielded
+                        and event.error and "queue is full" in event.error):
+                    # the queue filled between the check and the worker thread's add_request
+                    raise OverloadedError(self._retry_after_s)
+                yielded |= isinstance(event, CanvasEvent)
+                yield event
+                if isinstance(event, FinalEvent):
+                    return
+                event = await anext(events)
+        finally:
+            await events.aclose()
+
+    def shutdown(self) -> None:
+        self.aengine.shutdown()
