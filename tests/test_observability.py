@@ -100,6 +100,9 @@ def test_every_dashboard_query_returns_data(serve_http, prometheus):
         if missing:
             asyncio.run(_load(url, 4, 32, concurrency=4))  # keep rates non-zero while Prometheus catches up
             time.sleep(1)
+    from ray import serve
+
+    serve.delete("metrics")
     assert not missing, f"{len(missing)} panel queries returned no data, e.g. {missing[:3]}"
 
 
@@ -138,5 +141,7 @@ def test_load_ramp_scales_1_to_2_and_back(serve_http):
     deadline = time.time() + 90
     while replicas() > 1 and time.time() < deadline:
         time.sleep(1)
-    assert replicas() == 1, "the deployment did not scale back down when the load stopped"
+    scaled_down = replicas() == 1
+    serve.delete("autoscale")
+    assert scaled_down, "the deployment did not scale back down when the load stopped"
     assert up_after < 240

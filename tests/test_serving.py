@@ -35,14 +35,20 @@ def _deploy(serve_http, name: str, route: str, overrides: dict) -> str:
 
 @pytest.fixture(scope="module")
 def main_app(serve_http):
-    return _deploy(serve_http, "dgserve", "/", {"replicas": {"num_replicas": 2, "num_cpus": 0.5}})
+    from ray import serve
+
+    yield _deploy(serve_http, "dgserve", "/", {"replicas": {"num_replicas": 2, "num_cpus": 0.5}})
+    serve.delete("dgserve")  # free its CPUs for the other integration tests of the session
 
 
 @pytest.fixture(scope="module")
 def small_app(serve_http):
     """One replica that runs one request at a time and queues one: easy to overload."""
-    return _deploy(serve_http, "small", "/small", {
+    from ray import serve
+
+    yield _deploy(serve_http, "small", "/small", {
         "engine": {"kv_cache_memory": 16 << 20, "max_running": 1, "max_waiting": 1, "enable_prefix_cache": False}})
+    serve.delete("small")
 
 
 @pytest.fixture(scope="module")
