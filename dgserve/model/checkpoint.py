@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
 _FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SHIPPED_CHECKPOINTS = {"tiny": ASSETS / "tiny"}  # presets that are trained checkpoint directories in the package
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
 # Prefixes under which a checkpoint may hold the (tied) text weights, in order of preference.
 _TEXT_PREFIXES = ("model.decoder.", "model.encoder.language_model.", "model.language_model.")
@@ -73,7 +74,7 @@ def load(path_or_preset: str | Path, dtype: str | torch.dtype = torch.float32, d
     """
     dtype = resolve_dtype(dtype)
     device = torch.device(device)
-    name = str(path_or_preset)
+    name = _resolve_shipped(str(path_or_preset))
     if name in PRESETS and not Path(name).exists():
         return _load_preset(name, dtype, device, expert_ids, seed)
     path = Path(name)
@@ -99,8 +100,12 @@ class ModelMetadata:
     source: str
 
 
+def _resolve_shipped(name: str) -> str:
+    return str(SHIPPED_CHECKPOINTS[name]) if name in SHIPPED_CHECKPOINTS and not Path(name).exists() else name
+
+
 def load_metadata(path_or_preset: str | Path) -> ModelMetadata:
-    name = str(path_or_preset)
+    name = _resolve_shipped(str(path_or_preset))
     if name in PRESETS and not Path(name).exists():
         config = PRESETS[name]
         asset = ASSETS / name
