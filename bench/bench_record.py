@@ -122,17 +122,18 @@ class BenchRun:
         print(f"[{self.benchmark} +{time.perf_counter() - self.started:7.1f}s load {load_average()[0]}] {message}",
               file=sys.stderr, flush=True)
 
+    def record_date(self) -> str:
+        return datetime.datetime.fromtimestamp(self.started_wall, datetime.UTC).isoformat(timespec="seconds")
+
     def command(self) -> str:
         script = self.argv[0] if self.argv else self.benchmark
         with contextlib.suppress(ValueError):  # outside the working directory: keep it as given
             script = str(Path(script).resolve().relative_to(Path.cwd()))
         return shlex.join(["python", script, *self.argv[1:]])
 
-    def finish(self, results: dict[str, Any], table: list[str], out: str | None = None,
-               notes: list[str] | None = None) -> dict[str, Any]:
-        """Print the markdown ``table`` (lines) and the JSON record; append it to ``out``; return it."""
-        wall = time.perf_counter() - self.started
-        load_after = load_average()
+    def contention(self) -> dict[str, Any]:
+        """Contention so far: load averages, other processes' and the hypervisor's share of core time."""
+        load_now = load_average()
         busy0, steal0, total0 = self.ticks_before
         busy1, steal1, total1 = cpu_ticks()
         ticks = max(1, total1 - total0)
@@ -146,11 +147,22 @@ class BenchRun:
             contended = others > OTHERS_BUSY_LIMIT or steal > STEAL_LIMIT
         else:  # no /proc/stat: judge by the load average
             contended = (self.load_before[0] > CONTENDED_SHARE * cores
-                         or load_after[0] > min(threads, cores) + CONTENDED_SHARE * cores)
+                         or load_now[0] > min(threads, cores) + CONTENDED_SHARE * cores)
+        return {"load_after": load_now, "contended": contended,
+                "others_busy_share": None if others is None else round(others, 3),
+                "steal_share": None if steal is None else round(steal, 3)}
+
+    def finish(self, results: dict[str, Any], table: list[str], out: str | None = None,
+               notes: list[str] | None = None) -> dict[str, Any]:
+        """Print the markdown ``table`` (lines) and the JSON record; append it to ``out``; return it."""
+        wall = time.perf_counter() - self.started
+        state = self.contention()
+        load_after, contended = state["load_after"], state["contended"]
+        cores = os.cpu_count() or 1
         record: dict[str, Any] = {
             "benchmark": self.benchmark,
             "command": self.command(),
-            "date": datetime.datetime.fromtimestamp(self.started_wall, datetime.UTC).isoformat(timespec="seconds"),
+            "date": self.record_date(),
             "machine": machine(),
             "load_before": self.load_before,
             "load_after": load_after,
@@ -158,10 +170,10 @@ class BenchRun:
             # CPU seconds this process used per wall second per core: well under 1 while the cores
             # are shared (or while a single-threaded phase runs, or work runs in other processes)
             "cpu_share": round((time.process_time() - self.cpu_started) / max(wall, 1e-9) / cores, 3),
-            # share of all cores' time that other processes kept busy during the run (for the serving
-            # benchmark that includes its own Ray processes), and that the hypervisor stole
-            "others_busy_share": None if others is None else round(others, 3),
-            "steal_share": None if steal is None else round(steal, 3),
+            # share of all cores' time that processes other than this one and its descendants (e.g. the
+            # Ray cluster it started) kept busy during the run, and that the hypervisor stole
+            "others_busy_share": state["others_busy_share"],
+            "steal_share": state["steal_share"],
             "wall_s": round(wall, 2),
             "results": results,
         }

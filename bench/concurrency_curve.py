@@ -42,7 +42,7 @@ def plot(points: list[dict[str, Any]], path: Path, title: str) -> str | None:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
         return None
     n = [p["concurrency"] for p in points]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
     panels = [("aggregate tokens/s", [p["tokens_per_s"] for p in points]),
               ("per-request tokens/s", [p["per_request_tokens_per_s"] for p in points]),
               ("time to first canvas (s)", [p["ttfc_mean_s"] for p in points])]
@@ -52,6 +52,7 @@ def plot(points: list[dict[str, Any]], path: Path, title: str) -> str | None:
             ax.fill_between(n, [p["ttfc_p50_s"] for p in points], [p["ttfc_max_s"] for p in points], alpha=0.2,
                             label="median .. max")
             ax.legend(fontsize=8)
+        ax.set_ylim(bottom=0)
         ax.set_xscale("log", base=2)
         ax.set_xticks(n, [str(x) for x in n])
         ax.set_xlabel("concurrent requests")
@@ -112,9 +113,13 @@ def run(a: argparse.Namespace) -> None:
         points.append({"concurrency": n, **res.summary()})
         bench.progress(f"N={n}: {points[-1]['tokens_per_s']} tok/s aggregate, {points[-1]['wall_s']} s")
     counts = cfg.parameter_counts()
+    state = bench.contention()
     title = (f"dgserve engine, {a.preset} ({human_params(counts['total'])}), canvas {cfg.canvas_length}, "
-             f"{a.steps} steps, prompt {a.prompt_len}, {a.max_tokens} new tokens, {threads} threads "
-             f"[{bench.command()}]")
+             f"{a.steps} steps, prompt {a.prompt_len}, {a.max_tokens} new tokens, {threads} threads, "
+             f"{bench.record_date()}\n{bench.command()}"
+             + (f"\nCONTENDED RUN (other processes {state['others_busy_share']:.0%} of core time, load "
+                f"{bench.load_before[0]} -> {state['load_after'][0]}): not a figure of record"
+                if state["contended"] else ""))
     png = plot(points, a.plot, title) if a.plot is not None else None
     results = {"preset": a.preset, "params_total": counts["total"], "canvas": cfg.canvas_length,
                "steps": a.steps, "prompt_len": a.prompt_len, "max_tokens": a.max_tokens, "threads": threads,

@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
 from bench.ar_baseline import generate_ar  # noqa: E402
 from bench.bench_record import BenchRun, md_table, set_threads  # noqa: E402
 from bench.hf_models import gemma4_causal_lm  # noqa: E402
-from bench.workload import RequestSpec, abba, drive_engine, make_engine  # noqa: E402
+from bench.workload import RequestSpec, abba, drive_engine, make_engine, random_prompt  # noqa: E402
 from dgserve.model.checkpoint import load  # noqa: E402
 from dgserve.model.config import PRESETS, ModelConfig, human_params  # noqa: E402
 from dgserve.model.generation_config import SamplingParams  # noqa: E402
@@ -122,7 +122,7 @@ def weight_bytes(cfg: ModelConfig, tokens: int) -> float:
 
 def prompts(n: int, vocab: int, length: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(3, vocab) for _ in range(length)] for _ in range(n)]
+    return [random_prompt(rng, vocab, length) for _ in range(n)]
 
 
 def run_hf_ar(model: Any, batch: list[list[int]], new_tokens: int) -> dict[str, float]:
@@ -211,7 +211,7 @@ def run(a: argparse.Namespace) -> None:
     cfg = PRESETS[a.preset]
     c = cfg.canvas_length
     lm = load(a.preset, seed=a.seed)
-    engine = make_engine(lm)
+    engine = make_engine(lm, prefix_cache=False)  # every diffusion run prefills its prompts, as AR does
     hf = None if a.no_hf else gemma4_causal_lm(cfg, seed=a.seed)
     batches = sorted({1, a.batch})
     ctx = a.prompt_len + a.new_tokens
@@ -235,7 +235,7 @@ def run(a: argparse.Namespace) -> None:
     measured: dict[str, dict[str, Any]] = {}
     for b in batches:
         batch = prompts(b, cfg.text.vocab_size, a.prompt_len, a.seed + b)
-        for rep, side in enumerate(abba(a.reps, sides)):
+        for rep, side in abba(a.reps, sides):
             if side == "hf_ar":
                 r = run_hf_ar(hf, batch, a.new_tokens)
             elif side == "dg_ar":

@@ -7,15 +7,18 @@ adaptive stopping as configured: with random weights it never fires, so every ca
 steps on both sides). Outputs have fixed lengths: dgserve with ``ignore_eos``, the reference with an
 EOS id one past the vocabulary. Only new tokens up to each request's ``max_tokens`` are counted.
 
-(a) batch 1: one request; the sides alternate ``--reps-a`` times (A B, B A, ...); medians compared.
-    Also checks that both sides produce the very same tokens for the same seed.
+(a) batch 1: one request; the sides alternate ``--reps-a`` times (A B, B A, ...), each round with a
+    new prompt; the headline ratio compares each side's best round (medians are reported too).
+    Also reports whether both sides produce the very same tokens for the same seed (they should:
+    same weights, same sampler, same random stream; floating-point rounding differences flip samples
+    of these near-uniform random-weight distributions, and the flips compound over the steps).
 (b) ``--requests`` requests arriving every ``--gap`` seconds with varied prompt and output lengths.
     dgserve's engine admits each one as it arrives (continuous batching, in-process). The reference
     runs them as a user of ``generate`` would: static batches of ``--ref-batch`` in arrival order,
     each batch starting once its last request has arrived and the previous batch is done, prompts
     left-padded with an ``attention_mask`` (``generate`` accepts one; it does not shift positions per
-    row), ``max_new_tokens`` = the batch's largest request, each request's output cut to its own
-    length. Throughput = tokens / (last completion - first arrival).
+    row; batches without padding get no mask), ``max_new_tokens`` = the batch's largest request,
+    each request's output cut to its own length. Throughput = tokens / (last completion - first arrival).
 
     python bench/engine_vs_reference.py                 # bench-cpu (~88M), the recorded figures
     python bench/engine_vs_reference.py --small         # tiny-random, seconds: the smoke test
@@ -102,10 +105,12 @@ def drive_reference(ref: Any, specs: list[RequestSpec], batch_size: int,
             ids[row, width - len(s.prompt_ids):] = torch.tensor(s.prompt_ids)
             mask[row, width - len(s.prompt_ids):] = 1
         clock = _CanvasClock(t0)
+        # a mask only where rows are padded: an all-ones mask means the same but takes another attention
+        # path in transformers, whose float rounding differs from the unmasked one
+        kwargs = {"attention_mask": mask} if bool((mask == 0).any()) else {}
         torch.manual_seed(group[0].seed)  # the reference samples from torch's global generator
         with torch.inference_mode():
-            out = ref.generate(ids, attention_mask=mask, max_new_tokens=max(s.max_tokens for s in group),
-                               streamer=clock)
+            out = ref.generate(ids, max_new_tokens=max(s.max_tokens for s in group), streamer=clock, **kwargs)
         done = time.perf_counter() - t0
         forwards += clock.steps
         new = out.sequences[:, width:]
@@ -116,6 +121,14 @@ def drive_reference(ref: Any, specs: list[RequestSpec], batch_size: int,
                                         token_ids=new[row, :got].tolist() if keep_tokens else [])
     return LoadResult([outcomes[s.index] for s in sorted(specs, key=lambda s: s.index)], forwards=forwards,
                       cpu_s=time.process_time() - cpu0)
+
+
+def _compare(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, float], dict[str, float], float, float]:
+    """Per side the median and the best tokens/s over the rounds; the ratios dgserve / reference of the
+    best (the headline: interference from other work only ever slows a run down) and of the medians."""
+    med = {side: statistics.median(r["tokens_per_s"] for r in rs) for side, rs in runs.items()}
+    best = {side: max(r["tokens_per_s"] for r in rs) for side, rs in runs.items()}
+    return med, best, best["dgserve"] / best["reference"], med["dgserve"] / med["reference"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -195,44 +208,53 @@ def run(a: argparse.Namespace) -> None:
         drive_engine(engine, warm, sampling, f"warm{i}")
 
     if "a" in a.parts:
-        spec = uniform_mix(1, vocab, a.prompt_len, a.max_tokens, seed=a.seed)
         runs: dict[str, list[dict[str, Any]]] = {"reference": [], "dgserve": []}
-        tokens: dict[str, list[int]] = {}
-        for i, side in enumerate(abba(a.reps_a, ["reference", "dgserve"])):
+        tokens: dict[tuple[int, str], list[int]] = {}
+        for rnd, side in abba(a.reps_a, ["reference", "dgserve"]):
+            spec = uniform_mix(1, vocab, a.prompt_len, a.max_tokens, seed=a.seed + rnd)  # new prompt per round
             res = (drive_reference(ref, spec, 1, keep_tokens=True) if side == "reference"
-                   else drive_engine(engine, spec, sampling, f"a{i}", keep_tokens=True))
+                   else drive_engine(engine, spec, sampling, f"a{rnd}", keep_tokens=True))
             runs[side].append(res.summary())
-            tokens.setdefault(side, res.outcomes[0].token_ids)
+            tokens[rnd, side] = res.outcomes[0].token_ids
             bench.progress(f"(a) {side}: {runs[side][-1]['tokens_per_s']} tok/s")
-        med = {side: statistics.median(r["tokens_per_s"] for r in rs) for side, rs in runs.items()}
-        ratio = med["dgserve"] / med["reference"]
+        med, best, ratio, ratio_median = _compare(runs)
+        agree = [sum(x == y for x, y in zip(tokens[r, "reference"], tokens[r, "dgserve"], strict=True)) / a.max_tokens
+                 for r in range(a.reps_a)]
         results["a"] = {"prompt_len": a.prompt_len, "max_tokens": a.max_tokens, "reps": a.reps_a, "runs": runs,
-                        "reference_tokens_per_s": round(med["reference"], 3),
-                        "dgserve_tokens_per_s": round(med["dgserve"], 3), "ratio": round(ratio, 3),
+                        "reference_tokens_per_s": round(best["reference"], 3),
+                        "dgserve_tokens_per_s": round(best["dgserve"], 3), "ratio": round(ratio, 3),
+                        "reference_tokens_per_s_median": round(med["reference"], 3),
+                        "dgserve_tokens_per_s_median": round(med["dgserve"], 3), "ratio_median": round(ratio_median, 3),
                         "goal": GOAL_BATCH1, "met": ratio >= GOAL_BATCH1,
-                        "identical_tokens": tokens["reference"] == tokens["dgserve"]}
-        rows.append(["(a) batch 1", f"{a.prompt_len} / {a.max_tokens}", med["reference"], med["dgserve"],
+                        "identical_tokens": all(x == 1.0 for x in agree),
+                        "token_agreement": [round(x, 4) for x in agree]}
+        rows.append(["(a) batch 1", f"{a.prompt_len} / {a.max_tokens}", best["reference"], best["dgserve"],
                      f"{ratio:.2f}x", f">= {GOAL_BATCH1:g}x", "met" if ratio >= GOAL_BATCH1 else "not met"])
 
     if "b" in a.parts:
-        specs = staggered_mix(a.requests, vocab, a.prompt_range, a.tokens_range, a.gap, seed=a.seed + 1)
         runs = {"reference": [], "dgserve": []}
-        for i, side in enumerate(abba(a.reps_b, ["reference", "dgserve"])):
+        useful = []
+        for rnd, side in abba(a.reps_b, ["reference", "dgserve"]):
+            # the same lengths and arrivals every round, new prompts (no prefix-cache hits from earlier rounds)
+            specs = staggered_mix(a.requests, vocab, a.prompt_range, a.tokens_range, a.gap, seed=a.seed + 1,
+                                  content_seed=a.seed + 1 + rnd)
+            useful.append(sum(s.max_tokens for s in specs))
             res = (drive_reference(ref, specs, a.ref_batch) if side == "reference"
-                   else drive_engine(engine, specs, sampling, f"b{i}"))
+                   else drive_engine(engine, specs, sampling, f"b{rnd}"))
             runs[side].append(res.summary())
             bench.progress(f"(b) {side}: {runs[side][-1]['tokens_per_s']} tok/s")
-        med = {side: statistics.median(r["tokens_per_s"] for r in rs) for side, rs in runs.items()}
-        ratio = med["dgserve"] / med["reference"]
+        med, best, ratio, ratio_median = _compare(runs)
         results["b"] = {"requests": a.requests, "gap_s": a.gap, "reference_batch": a.ref_batch,
                         "prompt_range": list(a.prompt_range), "tokens_range": list(a.tokens_range),
-                        "useful_tokens": sum(s.max_tokens for s in specs), "reps": a.reps_b, "runs": runs,
-                        "reference_tokens_per_s": round(med["reference"], 3),
-                        "dgserve_tokens_per_s": round(med["dgserve"], 3), "ratio": round(ratio, 3),
+                        "useful_tokens": useful[0], "reps": a.reps_b, "runs": runs,
+                        "reference_tokens_per_s": round(best["reference"], 3),
+                        "dgserve_tokens_per_s": round(best["dgserve"], 3), "ratio": round(ratio, 3),
+                        "reference_tokens_per_s_median": round(med["reference"], 3),
+                        "dgserve_tokens_per_s_median": round(med["dgserve"], 3), "ratio_median": round(ratio_median, 3),
                         "goal": GOAL_STAGGERED, "met": ratio >= GOAL_STAGGERED}
         rows.append([f"(b) {a.requests} staggered, every {a.gap:g} s",
                      f"{a.prompt_range[0]}-{a.prompt_range[1]} / {a.tokens_range[0]}-{a.tokens_range[1]}",
-                     med["reference"], med["dgserve"], f"{ratio:.2f}x", f">= {GOAL_STAGGERED:g}x",
+                     best["reference"], best["dgserve"], f"{ratio:.2f}x", f">= {GOAL_STAGGERED:g}x",
                      "met" if ratio >= GOAL_STAGGERED else "not met"])
 
     table = md_table(["workload", "prompt / new tokens", "transformers tok/s", "dgserve tok/s", "ratio", "goal",

@@ -33,8 +33,13 @@ class RequestSpec:
     arrival_s: float = 0.0
 
 
+# Prompts avoid the lowest ids, where dgserve's tokenizers keep their special tokens (pad, eos, bos,
+# turn markers, the image placeholder that the API rejects in a text prompt).
+FIRST_PLAIN_ID = 16
+
+
 def random_prompt(rng: random.Random, vocab: int, length: int) -> list[int]:
-    return [rng.randrange(3, vocab) for _ in range(length)]
+    return [rng.randrange(FIRST_PLAIN_ID, vocab) for _ in range(length)]
 
 
 def uniform_mix(n: int, vocab: int, prompt_len: int, max_tokens: int, seed: int = 0) -> list[RequestSpec]:
@@ -44,14 +49,17 @@ def uniform_mix(n: int, vocab: int, prompt_len: int, max_tokens: int, seed: int 
 
 
 def staggered_mix(n: int, vocab: int, prompt_range: tuple[int, int], tokens_range: tuple[int, int],
-                  gap_s: float, seed: int = 0) -> list[RequestSpec]:
+                  gap_s: float, seed: int = 0, content_seed: int | None = None) -> list[RequestSpec]:
     """``n`` requests arriving every ``gap_s`` seconds with prompt and output lengths drawn uniformly
-    from the (inclusive) ranges."""
+    from the (inclusive) ranges by ``seed``; the prompts' token ids are drawn by ``content_seed``
+    (default ``seed``), so rounds of a benchmark can share the lengths but not the prompts."""
     rng = random.Random(seed)
+    content = random.Random(seed if content_seed is None else content_seed + 7_919)
     out = []
     for i in range(n):
         plen = rng.randint(*prompt_range)
-        out.append(RequestSpec(i, random_prompt(rng, vocab, plen), rng.randint(*tokens_range), seed * 1000 + i,
+        max_tokens = rng.randint(*tokens_range)
+        out.append(RequestSpec(i, random_prompt(content, vocab, plen), max_tokens, seed * 1000 + i,
                                round(i * gap_s, 6)))
     return out
 
@@ -113,9 +121,10 @@ class LoadResult:
 
 
 def make_engine(lm: LoadedModel, kv_bytes: int = DEFAULT_KV_BYTES, max_running: int = 64,
-                max_step_tokens: int = 8192) -> Engine:
+                max_step_tokens: int = 8192, prefix_cache: bool = True) -> Engine:
     cfg = EngineConfig(kv_cache_memory=kv_bytes, max_running=max_running,
-                       max_step_tokens=max(max_step_tokens, max_running * lm.config.canvas_length))
+                       max_step_tokens=max(max_step_tokens, max_running * lm.config.canvas_length),
+                       enable_prefix_cache=prefix_cache)
     return Engine(lm.model, lm.generation, lm.tokenizer, cfg)
 
 
@@ -155,11 +164,13 @@ def drive_engine(engine: Engine, specs: list[RequestSpec], sampling: SamplingPar
                       forwards=engine.forwards - forwards0, cpu_s=time.process_time() - cpu0)
 
 
-def abba(reps: int, sides: list[str]) -> list[str]:
-    """Alternating side order over ``reps`` rounds: A B, B A, A B, ... (drift hits both sides alike)."""
-    order: list[str] = []
+def abba(reps: int, sides: list[str]) -> list[tuple[int, str]]:
+    """Alternating side order over ``reps`` rounds, as (round, side): A B, B A, A B, ... so drift hits
+    both sides alike. Give each round its own prompts: a repeated prompt would hit dgserve's prefix
+    cache (and skip its prefill) where the other side recomputes it."""
+    order: list[tuple[int, str]] = []
     for r in range(reps):
-        order += sides if r % 2 == 0 else list(reversed(sides))
+        order += [(r, side) for side in (sides if r % 2 == 0 else list(reversed(sides)))]
     return order
 
 
