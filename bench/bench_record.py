@@ -153,10 +153,13 @@ class BenchRun:
                 "steal_share": None if steal is None else round(steal, 3)}
 
     def finish(self, results: dict[str, Any], table: list[str], out: str | None = None,
-               notes: list[str] | None = None) -> dict[str, Any]:
-        """Print the markdown ``table`` (lines) and the JSON record; append it to ``out``; return it."""
+               notes: list[str] | None = None, state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Print the markdown ``table`` (lines) and the JSON record; append it to ``out``; return it.
+
+        ``state``: a :meth:`contention` taken earlier, while the processes this run started (a Ray cluster)
+        were still alive; their CPU time is counted as this run's own only while they live."""
         wall = time.perf_counter() - self.started
-        state = self.contention()
+        state = state if state is not None else self.contention()
         load_after, contended = state["load_after"], state["contended"]
         cores = os.cpu_count() or 1
         record: dict[str, Any] = {

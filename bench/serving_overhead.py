@@ -246,6 +246,8 @@ def run(a: argparse.Namespace) -> None:
         finally:
             aengine.shutdown()
         replica_threads = _replica_torch_threads()
+        # before Ray goes away: the replica and the cluster's processes are this run's own CPU use
+        state = bench.contention()
         with contextlib.suppress(Exception):
             serve.delete(APP_NAME)
     finally:
@@ -278,7 +280,7 @@ def run(a: argparse.Namespace) -> None:
     notes = [f"{a.preset} ({human_params(counts['total'])} params), canvas {lm.config.canvas_length}, {a.steps} steps "
              f"max; replica num_cpus {a.replica_cpus:g} (torch threads {replica_threads}), in-process torch threads "
              f"{threads}; {'SSE streaming' if a.stream else 'non-streaming'} HTTP; best of {a.reps} round(s)"]
-    bench.finish(results, table, a.out, notes)
+    bench.finish(results, table, a.out, notes, state=state)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,8 +29,14 @@ def default_chunk_rows(vocab: int) -> int:
 
 
 def temperature(cur_step: int, params: SamplingParams) -> float:
-    """Linear schedule: t_max at the first step (cur_step = N), approaching t_min at the last."""
-    return params.t_min + (params.t_max - params.t_min) * (cur_step / params.max_denoising_steps)
+    """Linear schedule: t_max at the first step (cur_step = N), approaching t_min at the last.
+
+    Computed as the reference computes it, in fp32 tensor arithmetic (``cur_step`` an int32 tensor), not
+    in Python doubles: the two roundings differ by one ulp at some steps (N = 16: steps 2, 3 and 12), which
+    shifts every logit by an ulp and, over a large vocabulary, changes which token has the lowest entropy.
+    The returned float is exactly that fp32 value."""
+    step = torch.tensor(cur_step, dtype=torch.int32)
+    return float(params.t_min + ((params.t_max - params.t_min) * (step / params.max_denoising_steps)))
 
 
 def random_canvas(length: int, vocab: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
