@@ -17,7 +17,7 @@ from dgserve.deploy.batch import BatchJob, EngineWorker, OutputStore, Prepare, r
 from dgserve.deploy.cli import main
 
 BAD_LINES = {17: '{"id": 17, "prompt": "unterminated\n', 60: "not json at all\n", 101: '[1, 2, 3]\n',
-             150: '{"id": 150}\n', 180: json.dumps({"id": 180, "prompt": "word " * 3000}) + "\n"}
+             150: '{"id": 150}\n', 180: json.dumps({"id": 180, "prompt": "word " * 5000}) + "\n"}
 FAST = {"max_tokens": 8, "steps": 4, "batch_size": 8, "kv_cache_bytes": 32 << 20, "worker_cpus": 0.5}
 
 
@@ -96,7 +96,7 @@ def test_engine_worker_runs_a_batch_outside_ray(tmp_path):
     worker = EngineWorker(job.model_dump())
     prep = Prepare("jsonl", set())(_Rows([{"text": line} for line in [
         '{"id": 1, "prompt": "hello"}', '{"id": 2, "messages": [{"role": "user", "content": "hi"}]}',
-        json.dumps({"id": 3, "prompt": "word " * 3000}), "oops"]]))
+        json.dumps({"id": 3, "prompt": "word " * 5000}), "oops"]]))
     batch = {k: list(v) for k, v in prep.items()}
     out = worker(batch)
     assert out["key"] == ["1", "2", "3", ""]

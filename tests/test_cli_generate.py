@@ -26,8 +26,18 @@ def test_generate_json_tiny_random():
                                  "tokens_per_second"}
     assert out["stats"]["new_tokens"] == len(out["token_ids"]) <= 40
     assert out["stats"]["canvases"] >= 1
-    again = json.loads(_dgserve("generate", "--prompt", "hi", "--json", "--max-tokens", "40", "--seed", "3").stdout)
-    assert again["token_ids"] == out["token_ids"]  # same seed, same tokens; tiny-random is the default model
+    again = json.loads(_dgserve("generate", "--model", "tiny-random", "--prompt", "hi", "--json", "--max-tokens",
+                                "40", "--seed", "3").stdout)
+    assert again["token_ids"] == out["token_ids"]  # same seed, same tokens
+
+
+def test_default_model_is_the_trained_tiny():
+    default = json.loads(_dgserve("generate", "--prompt", "Q: sort 9 4 7\nA:", "--json", "--max-tokens", "32",
+                                  "--seed", "0").stdout)
+    tiny = json.loads(_dgserve("generate", "--model", "tiny", "--prompt", "Q: sort 9 4 7\nA:", "--json",
+                               "--max-tokens", "32", "--seed", "0").stdout)
+    assert default["token_ids"] == tiny["token_ids"]
+    assert default["text"].strip() == "4 7 9", default["text"]  # the synthetic task the shipped model learned
 
 
 def test_generate_chat_prints_text():

@@ -28,6 +28,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
 
+from dgserve.deploy.cli_support import DEFAULT_MODEL
+
 log = logging.getLogger(__name__)
 
 Format = Literal["jsonl", "parquet"]
@@ -44,7 +46,7 @@ class BatchJob(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
-    model: str = "tiny-random"
+    model: str = DEFAULT_MODEL
     input: str
     output: str
     errors: str | None = Field(None, description="errors file (JSONL; default OUTPUT.errors.jsonl)")
@@ -512,12 +514,13 @@ def count_input_rows(path: Path, fmt: Format) -> int:
 
 def _check_model(model: str) -> None:
     """Fail before starting Ray (and every pool actor failing alike) when the model cannot be found."""
+    from dgserve.model.checkpoint import SHIPPED_CHECKPOINTS, resolve_shipped
     from dgserve.model.config import PRESETS
 
-    if model in PRESETS or (Path(model) / "config.json").is_file():
+    if model in PRESETS or (Path(resolve_shipped(model)) / "config.json").is_file():
         return
     raise BatchError(f"{model}: not a checkpoint directory (no config.json) and not a preset "
-                     f"(presets: {', '.join(sorted(PRESETS))})")
+                     f"(presets: {', '.join(sorted({*PRESETS, *SHIPPED_CHECKPOINTS}))})")
 
 
 def _connect_ray(address: str | None) -> bool:

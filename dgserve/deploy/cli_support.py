@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-DEFAULT_MODEL = "tiny-random"
+DEFAULT_MODEL = "tiny"  # the trained checkpoint shipped in the package (dgserve/model/assets/tiny)
 
 
 class UsageError(Exception):

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dgserve.deploy.cli_support import DEFAULT_MODEL
 from dgserve.engine.engine import EngineConfig
 from dgserve.routing.ingress_app import IngressSettings
 
@@ -22,7 +23,7 @@ class _Strict(BaseModel):
 
 
 class ModelSettings(_Strict):
-    path: str = Field("tiny-random", description="checkpoint directory (HF layout) or preset name")
+    path: str = Field(DEFAULT_MODEL, description="checkpoint directory (HF layout) or preset name")
     served_name: str | None = Field(None, description="model id in the API (default: the path's last component)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -67,7 +68,10 @@ class RouterSettings(_Strict):
     affinity_prefix_tokens: int = Field(256, ge=1, description="prompt tokens hashed for prefix affinity")
     overload_canvases: int = Field(64, ge=1, description="a replica with this many queued+active canvases is "
                                                          "skipped for affinity")
-    max_failovers: int = Field(2, ge=0, description="resubmissions of a request after its replica dies")
+    max_failovers: int = Field(2, ge=0, description="resubmissions of a request after its replica dies or its "
+                                                     "expert-parallel group fails")
+    failover_backoff_s: float = Field(0.25, ge=0.0, description="wait before the 2nd resubmission, doubling "
+                                                                "(at most 2 s) for each further one")
 
 
 class AuthSettings(_Strict):

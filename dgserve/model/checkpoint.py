@@ -74,13 +74,13 @@ def load(path_or_preset: str | Path, dtype: str | torch.dtype = torch.float32, d
     """
     dtype = resolve_dtype(dtype)
     device = torch.device(device)
-    name = _resolve_shipped(str(path_or_preset))
+    name = resolve_shipped(str(path_or_preset))
     if name in PRESETS and not Path(name).exists():
         return _load_preset(name, dtype, device, expert_ids, seed)
     path = Path(name)
     if not path.is_dir():
         raise CheckpointError(
-            f"{name}: not a checkpoint directory and not a preset (presets: {', '.join(sorted(PRESETS))})")
+            f"{name}: not a checkpoint directory and not a preset (presets: {_preset_names()})")
     config = read_config(path)
     weights = _weight_files(path)
     model = _empty_model(config, dtype, device, expert_ids)
@@ -100,12 +100,17 @@ class ModelMetadata:
     source: str
 
 
-def _resolve_shipped(name: str) -> str:
+def _preset_names() -> str:
+    return ", ".join(sorted({*PRESETS, *SHIPPED_CHECKPOINTS}))
+
+
+def resolve_shipped(name: str) -> str:
+    """A shipped checkpoint's preset name (``tiny``) -> its directory in the package; anything else unchanged."""
     return str(SHIPPED_CHECKPOINTS[name]) if name in SHIPPED_CHECKPOINTS and not Path(name).exists() else name
 
 
 def load_metadata(path_or_preset: str | Path) -> ModelMetadata:
-    name = _resolve_shipped(str(path_or_preset))
+    name = resolve_shipped(str(path_or_preset))
     if name in PRESETS and not Path(name).exists():
         config = PRESETS[name]
         asset = ASSETS / name
@@ -115,7 +120,7 @@ def load_metadata(path_or_preset: str | Path) -> ModelMetadata:
     path = Path(name)
     if not path.is_dir():
         raise CheckpointError(
-            f"{name}: not a checkpoint directory and not a preset (presets: {', '.join(sorted(PRESETS))})")
+            f"{name}: not a checkpoint directory and not a preset (presets: {_preset_names()})")
     config = read_config(path)
     return ModelMetadata(config, read_generation_config(path, config), _maybe_tokenizer(path), str(path))
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dgserve.model.checkpoint import LoadedModel, load, read_config
+from dgserve.model.checkpoint import LoadedModel, load, read_config, resolve_shipped
 from dgserve.model.config import PRESETS, ModelConfig
 from dgserve.model.diffusion_gemma import DiffusionGemma
 
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def source_config(path_or_preset: str | Path) -> ModelConfig:
-    name = str(path_or_preset)
+    name = resolve_shipped(str(path_or_preset))
     if name in PRESETS and not Path(name).exists():
         return PRESETS[name]
     return read_config(Path(name))
@@ -30,7 +30,7 @@ def source_config(path_or_preset: str | Path) -> ModelConfig:
 def load_rank_share(path_or_preset: str | Path, expert_ids: list[int], dtype: str | torch.dtype = torch.float32,
                     device: str | torch.device = "cpu", seed: int = 0) -> LoadedModel:
     """The model of one rank: every dense weight, and the experts ``expert_ids`` (global ids, ascending)."""
-    name = str(path_or_preset)
+    name = resolve_shipped(str(path_or_preset))
     if not (name in PRESETS and not Path(name).exists()):
         return load(name, dtype=dtype, device=device, expert_ids=expert_ids, seed=seed)
     full = load(name, dtype=dtype, device="cpu", seed=seed)
