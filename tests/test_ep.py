@@ -297,6 +297,11 @@ def _failure_scenarios(rank, world, group, ckpt, placement, result):
     t0 = time.monotonic()
     tokens, final = asyncio.run(_consume(ep, long_request))
     result["death_final"] = [final.finish_reason, final.error, time.monotonic() - t0, len(tokens)]
+    result["death_retryable"] = final.retryable
+    # a request arriving after the failure is refused at once, retryably (the ingress fails it over)
+    late = GenerationRequest(prompt_ids=[1, 2], max_tokens=8, seed=2, request_id="late")
+    _, late_final = asyncio.run(_consume(ep, late))
+    result["late_final"] = [late_final.finish_reason, late_final.retryable, ep.stats()["ep_failed"]]
 
 
 _OUT_DIR = ""
@@ -420,6 +425,8 @@ def test_ep2_gloo_matches_single_process_and_fails_cleanly(tiny_ckpt, tmp_path):
     reason, error, seconds, _ = results[0]["death_final"]
     assert reason == "error" and ("closed" in error.lower() or "peer" in error.lower() or "failed" in error), error
     assert seconds < 30, seconds
+    assert results[0]["death_retryable"] is True  # the group's failure, not the request's
+    assert results[0]["late_final"] == ["error", True, 1]
 
 
 def test_ep4_gloo_matches_single_process(tiny_ckpt, tmp_path):

@@ -89,6 +89,9 @@ class FinalEvent:
     finish_reason: FinishReason
     stats: RequestStats
     error: str | None = None
+    # the failure was the server's (a failed expert-parallel group, a dying replica), not the request's: the
+    # caller may resubmit the prompt + committed tokens elsewhere
+    retryable: bool = False
 
 
 Event = CanvasEvent | DraftEvent | FinalEvent

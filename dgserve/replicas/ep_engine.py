@@ -169,7 +169,7 @@ class LockstepEngine:
             except Exception:  # engine state may be inconsistent after a failed step
                 cancelled = []
             stats = next((e.stats for e in cancelled if isinstance(e, FinalEvent)), RequestStats())
-            finals.append(FinalEvent(rid, "error", stats, message))
+            finals.append(FinalEvent(rid, "error", stats, message, retryable=True))
         self.engine.waiting.clear()
         for ev in finals:
             self._deliver(ev)
@@ -200,7 +200,8 @@ class LockstepEngine:
         try:
             if self.failed is not None:
                 finished = True
-                yield FinalEvent(rid, "error", RequestStats(prompt_tokens=len(request.prompt_ids)), self.failed)
+                yield FinalEvent(rid, "error", RequestStats(prompt_tokens=len(request.prompt_ids)), self.failed,
+                                 retryable=True)
                 return
             self._inbox.put(("add", request))
             self._wake.set()

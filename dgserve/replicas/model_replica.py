@@ -90,6 +90,7 @@ class ModelReplica:
             "active_canvases": st["active_canvases"], "running": st["running"], "waiting": st["waiting"],
             "free_kv_blocks": st["kv_blocks_free"], "kv_blocks_used": st["kv_blocks_used"],
             "prefix_keys": list(self._recent),
+            "failed": bool(st.get("ep_failed", 0)),  # an EP rank whose group broke: refuses work until restarted
         }
 
     def record_autoscaling_stats(self) -> dict:

@@ -9,6 +9,7 @@ retries, then an error event.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
@@ -106,6 +107,9 @@ class ReplicaBackend:
                     elif isinstance(ev, FinalEvent):
                         if ev.finish_reason == "error" and not yielded and ev.error and "queue is full" in ev.error:
                             raise OverloadedError(retry_after=1.0)
+                        if ev.finish_reason == "error" and ev.retryable:
+                            # the replica's side failed (its expert-parallel group broke): not this request's fault
+                            raise _RetryableFailure(ev.error or "replica failed")
                         ev.stats.new_tokens = len(committed) - len(request.committed_ids)
                         ev.stats.prompt_tokens = len(request.prompt_ids)
                         yield ev
@@ -114,16 +118,18 @@ class ReplicaBackend:
                         yield ev
                 # a stream that ends without a final event: the replica went away mid-stream
                 raise ReplicaUnavailableError("stream ended without a final event")
-            except _REPLICA_GONE as exc:
+            except (*_REPLICA_GONE, _RetryableFailure) as exc:
                 failovers += 1
                 if failovers > self._config.router.max_failovers:
                     yield FinalEvent(request.request_id, "error", RequestStats(prompt_tokens=len(request.prompt_ids)),
-                                     f"replica failed {failovers} times; last: {type(exc).__name__}")
+                                     f"replica failed {failovers} times; last: {type(exc).__name__}: {exc}")
                     return
-                log.warning("request %s: replica lost after %d committed tokens (%s); resubmitting",
-                            request.request_id, len(committed), type(exc).__name__)
+                delay = failover_delay(failovers, self._config.router.failover_backoff_s)
+                log.warning("request %s: replica lost after %d committed tokens (%s: %s); resubmitting in %.2f s",
+                            request.request_id, len(committed), type(exc).__name__, exc, delay)
                 if self._on_failover is not None:
                     self._on_failover()
+                await asyncio.sleep(delay)
                 continue
             except BackPressureError as exc:
                 if yielded:
@@ -136,3 +142,16 @@ class ReplicaBackend:
                 if isinstance(cause, ValueError) and not yielded:
                     raise InvalidPromptError(str(cause)) from exc
                 raise
+
+
+class _RetryableFailure(Exception):
+    """A replica ended a request with a retryable error event (see ``FinalEvent.retryable``)."""
+
+
+def failover_delay(failovers: int, backoff_s: float, cap_s: float = 2.0) -> float:
+    """Wait before the ``failovers``-th resubmission: none for the first (another replica is usually up),
+    then ``backoff_s`` doubling up to ``cap_s`` (the replacement of a whole expert-parallel gang takes
+    seconds; resubmitting at once would only hit the failed group's surviving ranks again)."""
+    if failovers <= 1 or backoff_s <= 0:
+        return 0.0
+    return min(cap_s, backoff_s * 2 ** (failovers - 2))

@@ -4,7 +4,8 @@ Replicas are scored by the diffusion work they hold (active + queued canvases, r
 ``record_routing_stats``, plus what this router sent them since that report) and by prefix affinity: a
 request whose prompt prefix a replica recently served goes there, so the prefix cache hits, unless that
 replica is overloaded or far busier than the least loaded one. Ranks of an expert-parallel gang are
-separate replicas, so balancing by load also keeps the ranks of a gang in step.
+separate replicas, so balancing by load also keeps the ranks of a gang in step; a rank whose group has
+failed is tried last until Serve restarts the gang.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class ReplicaLoad:
     canvases: float  # active + queued canvases: max(reported by the replica, outstanding from this router)
     free_kv_blocks: int
     holds_prefix: bool
+    failed: bool = False  # the replica reports a broken expert-parallel group: tried last, until Serve replaces it
 
 
 @dataclass(frozen=True)
@@ -37,9 +39,9 @@ def rank_replicas(loads: Sequence[ReplicaLoad], settings: ScoringSettings) -> li
     """Pure scoring: returns ranks of replica ids, most preferred first."""
     if not loads:
         return []
-    by_load = sorted(loads, key=lambda r: (r.canvases, -r.free_kv_blocks, r.replica))
+    by_load = sorted(loads, key=lambda r: (r.failed, r.canvases, -r.free_kv_blocks, r.replica))
     least = by_load[0].canvases
-    affine = [r for r in by_load if r.holds_prefix and r.canvases < settings.overload_canvases
+    affine = [r for r in by_load if r.holds_prefix and not r.failed and r.canvases < settings.overload_canvases
               and r.canvases <= least + settings.affinity_slack]
     ranks: list[list[str]] = []
     if affine:
@@ -73,6 +75,7 @@ class CanvasRouter(RequestRouter):
                 free_kv_blocks=int(stats.get("free_kv_blocks", 0)),
                 holds_prefix=key is not None and (key in stats.get("prefix_keys", ())
                                                   or self._local_affinity.get(key) == rid),
+                failed=bool(stats.get("failed", False)),
             ))
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         return [[by_id[i] for i in rank] for rank in rank_replicas(loads, self._settings)]
