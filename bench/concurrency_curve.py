@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "'' for none)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise-prefetch-bytes", type=int, default=None,
+                   help="engine's sampling_noise_prefetch_bytes (default: the engine's; 0: draw inline, as before)")
     p.add_argument("--out", default=None, help="append the JSON record to this file")
     a = p.parse_args(argv)
     a.preset = a.preset or ("tiny-random" if a.small else "bench-cpu")
@@ -103,7 +105,7 @@ def run(a: argparse.Namespace) -> None:
     lm = load(a.preset, seed=a.seed)
     cfg = lm.config
     sampling = SamplingParams(max_denoising_steps=a.steps)
-    engine = make_engine(lm, max_running=max(64, max(a.concurrency)))
+    engine = make_engine(lm, max_running=max(64, max(a.concurrency)), noise_prefetch_bytes=a.noise_prefetch_bytes)
     vocab = cfg.text.vocab_size
     drive_engine(engine, uniform_mix(2, vocab, 4, cfg.canvas_length, seed=a.seed + 99), sampling, "warm")
     points: list[dict[str, Any]] = []
@@ -123,7 +125,7 @@ def run(a: argparse.Namespace) -> None:
     png = plot(points, a.plot, title) if a.plot is not None else None
     results = {"preset": a.preset, "params_total": counts["total"], "canvas": cfg.canvas_length,
                "steps": a.steps, "prompt_len": a.prompt_len, "max_tokens": a.max_tokens, "threads": threads,
-               "points": points, "plot": png}
+               "noise_prefetch_bytes": engine.config.sampling_noise_prefetch_bytes, "points": points, "plot": png}
     rows = [[p["concurrency"], p["tokens_per_s"], p["per_request_tokens_per_s"], p["ttfc_mean_s"], p["ttfc_p50_s"],
              p["ttfc_max_s"], p.get("canvases_per_forward", 0.0), p["wall_s"]] for p in points]
     table = md_table(["concurrent", "aggregate tok/s", "per-request tok/s", "TTFC mean s", "TTFC p50 s",

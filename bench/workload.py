@@ -121,10 +121,13 @@ class LoadResult:
 
 
 def make_engine(lm: LoadedModel, kv_bytes: int = DEFAULT_KV_BYTES, max_running: int = 64,
-                max_step_tokens: int = 8192, prefix_cache: bool = True) -> Engine:
+                max_step_tokens: int = 8192, prefix_cache: bool = True, noise_prefetch_bytes: int | None = None
+                ) -> Engine:
+    """``noise_prefetch_bytes``: EngineConfig.sampling_noise_prefetch_bytes (None: the engine's default)."""
+    extra = {} if noise_prefetch_bytes is None else {"sampling_noise_prefetch_bytes": noise_prefetch_bytes}
     cfg = EngineConfig(kv_cache_memory=kv_bytes, max_running=max_running,
                        max_step_tokens=max(max_step_tokens, max_running * lm.config.canvas_length),
-                       enable_prefix_cache=prefix_cache)
+                       enable_prefix_cache=prefix_cache, **extra)
     return Engine(lm.model, lm.generation, lm.tokenizer, cfg)
 
 

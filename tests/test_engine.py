@@ -107,8 +107,11 @@ def test_memory_budget_32_requests_complete(tiny):
 
 def test_prefix_cache_prefills_shared_system_prompt_once(tiny):
     system = torch.randint(6, 512, (160,), generator=torch.Generator().manual_seed(5)).tolist()
-    reqs = [GenerationRequest(prompt_ids=[*system, 10 + i, 20 + i], max_tokens=8, seed=i, sampling=SAMPLING,
-                              request_id=f"p{i}", ignore_eos=True) for i in range(8)]
+    # each user turn is at least a block long: the engine always leaves a block of the prompt to compute
+    # (a cache hit then gives a cold run's bits, see PrefixCache.match), so all of the system prompt is shared
+    user = 18
+    reqs = [GenerationRequest(prompt_ids=[*system, *range(10 + user * i, 10 + user * (i + 1))], max_tokens=8,
+                              seed=i, sampling=SAMPLING, request_id=f"p{i}", ignore_eos=True) for i in range(8)]
     engine = Engine(tiny.model, tiny.generation, None,
                     EngineConfig(kv_cache_memory=8 << 20, prefill_chunk=256, max_step_tokens=2048))
     engine.add_request(reqs[0])
@@ -122,7 +125,8 @@ def test_prefix_cache_prefills_shared_system_prompt_once(tiny):
     shared = (160 // block) * block
     # the 7 later requests prefill only what is past the shared, block-aligned prefix
     commits = sum(tiny.config.canvas_length * (f.stats.canvases - 1) for f in finals.values())
-    assert engine.encoder_tokens - before - commits == 7 * (162 - shared)
+    assert shared == 160
+    assert engine.encoder_tokens - before - commits == 7 * (160 + user - shared)
     assert finals["p0"].stats.cached_prompt_tokens == 0
     assert [finals[f"p{i}"].stats.cached_prompt_tokens for i in range(1, 8)] == [shared] * 7
     assert engine.prefix_cache.stats.hit_rate > 0.5

@@ -68,6 +68,7 @@ def _deploy(serve_http, name: str, route: str, args: dict) -> str:
 
     from dgserve.routing.app import build_app
 
+    args = {"model": {"path": "tiny-random"}, **args}  # the requests below name tiny-random
     serve.run(build_app(DeployConfig.from_args(args)), name=name, route_prefix=route)
     return serve_http + route
 

@@ -10,6 +10,7 @@ worker thread and streams events to asyncio consumers.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -35,6 +36,7 @@ from dgserve.engine.request import (
     RequestStats,
 )
 from dgserve.engine.sampler import StabilityTracker, denoise_step, first_eos, random_canvas
+from dgserve.engine.sampling_noise import NoisePrefetcher
 from dgserve.engine.scheduler import SchedulerLimits, SeqView, StepPlan, schedule
 from dgserve.engine.single import make_generator
 from dgserve.model.checkpoint import GenerationDefaults
@@ -55,6 +57,10 @@ class EngineConfig(BaseModel):
     prefill_chunk: int = Field(512, ge=1)
     max_waiting: int = Field(1024, ge=0)
     enable_prefix_cache: bool = True
+    # CPU only: draw requests' next-step sampling noise (canvas x vocab fp32 each) on a worker thread while
+    # the forward runs, up to this many bytes in flight (0: off); same random stream, same tokens
+    # (dgserve.engine.sampling_noise). A fixed bound: peak memory still does not grow with batch x vocab.
+    sampling_noise_prefetch_bytes: int = Field(64 << 20, ge=0)
 
 
 class EngineOverloaded(RuntimeError):
@@ -87,6 +93,7 @@ class _Seq:
     canvas_index: int = 0
     decoder: object | None = None
     prompt_len: int = 0
+    noise: concurrent.futures.Future | None = None  # the next step's sampling noise, being drawn from gen
 
     def next_boundary(self, chunk: int, canvas: int) -> int:
         """End of the next prefill chunk. Boundaries are fixed: the prompt in ``chunk``-sized pieces from
@@ -130,6 +137,8 @@ class Engine:
         self.completed = 0
         # test/diagnostic hook: called with (request_id, step, final hidden states [C, H]) of every denoise
         self.on_denoise = None
+        prefetch = self.config.sampling_noise_prefetch_bytes
+        self._noise = NoisePrefetcher(prefetch) if prefetch and model.device.type == "cpu" else None
 
     # -- requests ---------------------------------------------------------------------------------
     def check_request(self, req: GenerationRequest) -> None:
@@ -273,7 +282,8 @@ class Engine:
         table = self.pool.new_table()
         cached = 0
         if self.prefix_cache is not None:
-            match = self.prefix_cache.match(s.tokens)
+            # leave a whole block to compute: a cache hit then gives a cold run's bits (see PrefixCache.match)
+            match = self.prefix_cache.match(s.tokens, min_tail=self.pool.block_size)
             self.prefix_cache.attach(table, match)
             cached = match.num_tokens
         if not self.pool.ensure_capacity(table, len(s.tokens) + self.canvas):
@@ -305,16 +315,34 @@ class Engine:
         s.tracker = StabilityTracker(s.req.sampling)
         s.cur_step = s.req.sampling.max_denoising_steps
         s.steps = 0
+        self._prefetch_noise(s)
+
+    def _prefetch_noise(self, s: _Seq) -> None:
+        """Start drawing the next step's sampling noise (the generator's next use) on the noise thread."""
+        if self._noise is not None and s.noise is None:
+            s.noise = self._noise.submit((self.canvas, self.vocab), s.gen)
+
+    def _drop_noise(self, s: _Seq) -> None:
+        if s.noise is not None and self._noise is not None:
+            self._noise.release(s.noise)
+        s.noise = None
 
     def _after_denoise(self, s: _Seq, hidden: torch.Tensor) -> list[Event]:
         if self.on_denoise is not None:
             self.on_denoise(s.req.request_id, s.steps, hidden)
-        out = denoise_step(self.model, hidden, s.canvas, s.cur_step, s.req.sampling, s.gen)
+        noise = None
+        if s.noise is not None and self._noise is not None:
+            noise = self._noise.take(s.noise)
+            s.noise = None
+        out = denoise_step(self.model, hidden, s.canvas, s.cur_step, s.req.sampling, s.gen, noise=noise)
+        del noise
         s.steps += 1
         s.last_served = self.step_index
         s.canvas, s.argmax, s.soft = out.canvas, out.argmax, out.soft
         stop = s.tracker.update(out.argmax, out.entropy)
         s.cur_step -= 1
+        if not (stop or s.cur_step == 0):
+            self._prefetch_noise(s)
         events: list[Event] = []
         if s.req.draft_every and s.steps % s.req.draft_every == 0 and not (stop or s.cur_step == 0):
             ids = out.argmax.tolist()
@@ -363,6 +391,7 @@ class Engine:
         return events
 
     def _finish(self, s: _Seq, reason: FinishReason, error: str | None = None) -> FinalEvent:
+        self._drop_noise(s)
         if s.req.request_id in self.running:
             if self.prefix_cache is not None and s.table is not None:
                 self.prefix_cache.insert(s.tokens[:s.cached_len], s.table)

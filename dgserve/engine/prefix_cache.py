@@ -112,15 +112,24 @@ class PrefixCache:
         return len(self._entries) if space == "full" else len(self._sliding_lru)
 
     # -- lookup --
-    def match(self, prompt_ids: Sequence[int], window: int | None = None) -> PrefixMatch:
+    def match(self, prompt_ids: Sequence[int], window: int | None = None, min_tail: int | None = None
+              ) -> PrefixMatch:
         """Longest cached block chain of the prompt that a forward can continue from.
 
-        At least one prompt token is left to compute, and the sliding blocks covering the last
-        ``window - 1`` positions of the match must be cached too (``window`` defaults to the model's).
-        Side-effect free: stats and recency are recorded by :meth:`attach`.
+        At least ``min_tail`` prompt tokens (default 1) are left to compute, and the sliding blocks
+        covering the last ``window - 1`` positions of the match must be cached too (``window`` defaults to
+        the model's). Side-effect free: stats and recency are recorded by :meth:`attach`.
+
+        Why the engine asks for a whole block of tail: the tail is computed as one chunk of rows after the
+        cached ones, where a request without a cache hit computes the same rows inside a longer chunk. CPU
+        matrix kernels give every row the same bits whatever the row count *except* for very few rows (one
+        row takes a matrix-vector path that rounds differently), and a one-ulp difference in the prompt's
+        K/V can flip a sampled token. A block of tail keeps a cache hit's output equal to a cold run's in the
+        cases tested, at the cost of at most one block of recomputation per request.
         """
         bs = self.block_size
-        max_blocks = max(0, (len(prompt_ids) - 1) // bs)
+        tail = 1 if min_tail is None else max(1, min_tail)
+        max_blocks = max(0, (len(prompt_ids) - tail) // bs)
         entries: list[CachedBlock] = []
         parent = ROOT_KEY
         for j in range(max_blocks):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dgserve.engine.sampling_noise import sample_with_noise
 from dgserve.model.diffusion_gemma import DiffusionGemma
 from dgserve.model.generation_config import SamplingParams
 
@@ -60,9 +61,12 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def vocab_pass(model: DiffusionGemma, hidden: torch.Tensor, temp: float, gen: torch.Generator,
-               chunk_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               chunk_rows: int, noise: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """LM head + sampling + entropy + soft embeddings for one canvas, ``chunk_rows`` rows at a time.
 
+    ``noise``: the ``[C, V]`` Exp(1) draws ``torch.multinomial`` would take from ``gen`` for this canvas,
+    drawn ahead of time (``dgserve.engine.sampling_noise``); None: multinomial draws them now.
     Returns (denoiser sample [C], argmax [C], entropy [C], soft embeddings [C, H]).
     """
     samples, argmaxes, entropies, softs = [], [], [], []
@@ -70,7 +74,11 @@ def vocab_pass(model: DiffusionGemma, hidden: torch.Tensor, temp: float, gen: to
         processed = model.logits(hidden[i:i + chunk_rows]) / temp  # [c, V] fp32
         probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
         sample_probs = probs if probs.device == gen.device else probs.to(gen.device)
-        samples.append(torch.multinomial(sample_probs, 1, generator=gen).squeeze(-1).to(hidden.device))
+        if noise is not None:
+            sample = sample_with_noise(sample_probs, noise[i:i + chunk_rows])
+        else:
+            sample = torch.multinomial(sample_probs, 1, generator=gen).squeeze(-1)
+        samples.append(sample.to(hidden.device))
         argmaxes.append(processed.argmax(dim=-1))
         entropies.append(token_entropy(processed))
         if model.dtype != torch.float32:
@@ -94,9 +102,11 @@ def accept_and_renoise(canvas: torch.Tensor, sample: torch.Tensor, entropy: torc
 
 
 def denoise_step(model: DiffusionGemma, hidden: torch.Tensor, canvas: torch.Tensor, cur_step: int,
-                 params: SamplingParams, gen: torch.Generator, chunk_rows: int | None = None) -> StepOutput:
+                 params: SamplingParams, gen: torch.Generator, chunk_rows: int | None = None,
+                 noise: torch.Tensor | None = None) -> StepOutput:
     chunk_rows = chunk_rows or default_chunk_rows(model.config.text.vocab_size)
-    sample, argmax, entropy, soft = vocab_pass(model, hidden, temperature(cur_step, params), gen, chunk_rows)
+    sample, argmax, entropy, soft = vocab_pass(model, hidden, temperature(cur_step, params), gen, chunk_rows,
+                                               noise)
     new_canvas, accepted = accept_and_renoise(canvas, sample, entropy, params.entropy_bound,
                                               model.config.text.vocab_size, gen)
     return StepOutput(canvas=new_canvas, argmax=argmax, entropy=entropy, soft=soft, accepted=accepted)
