@@ -12,8 +12,8 @@ from dgserve.engine.engine import AsyncEngine, Engine, EngineConfig, EngineOverl
 from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest
 from dgserve.model.checkpoint import LoadedModel, load
 from dgserve.model.generation_config import SamplingParams
-from dgserve.model.tokenizer import TokenizerError, check_no_image_tokens
 from dgserve.routing.ingress_app import InvalidPromptError, OverloadedError
+from dgserve.routing.prompts import PromptEncoder
 
 
 class LocalBackend:
@@ -24,6 +24,7 @@ class LocalBackend:
         if loaded.tokenizer is None:
             raise ValueError(f"{loaded.source}: the checkpoint has no tokenizer; the API needs one")
         self._loaded = loaded
+        self._prompts = PromptEncoder(loaded.config, loaded.tokenizer)
         self._model_id = model_id or loaded.source.removeprefix("preset:").rstrip("/").split("/")[-1]
         self._retry_after_s = retry_after_s
         self.engine = Engine(loaded.model, loaded.generation, loaded.tokenizer, engine_config)
@@ -46,29 +47,11 @@ class LocalBackend:
     def sampling_defaults(self) -> SamplingParams:
         return self._loaded.generation.sampling
 
-    def _check_ids(self, ids: list[int]) -> list[int]:
-        vocab = self._loaded.config.text.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidPromptError(f"token id {bad} is outside the vocabulary [0, {vocab})")
-        image_id = self._loaded.config.image_token_id
-        try:
-            check_no_image_tokens(ids, image_id if image_id is not None and image_id < vocab
-                                  else self._loaded.tokenizer.image_id)
-        except TokenizerError as exc:
-            raise InvalidPromptError(str(exc)) from exc
-        return ids
-
     async def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, list):
-            return self._check_ids(list(prompt))
-        return self._check_ids(self._loaded.tokenizer.encode(prompt))
+        return self._prompts.encode(prompt)
 
     async def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        try:
-            return self._check_ids(self._loaded.tokenizer.encode_chat(messages))
-        except TokenizerError as exc:
-            raise InvalidPromptError(str(exc)) from exc
+        return self._prompts.encode_chat(messages)
 
     async def ready(self) -> bool:
         return self.aengine._thread.is_alive()

@@ -22,8 +22,8 @@ from dgserve.engine.engine import EngineOverloaded
 from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest, RequestStats
 from dgserve.model.checkpoint import ModelMetadata
 from dgserve.model.generation_config import SamplingParams
-from dgserve.model.tokenizer import TokenizerError, check_no_image_tokens
 from dgserve.routing.ingress_app import InvalidPromptError, OverloadedError
+from dgserve.routing.prompts import PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class ReplicaBackend:
         self._on_failover = on_failover
         if metadata.tokenizer is None:
             raise ValueError(f"{config.model.path}: the checkpoint has no tokenizer; the API needs one")
+        self._prompts = PromptEncoder(metadata.config, metadata.tokenizer)
 
     @property
     def model_id(self) -> str:
@@ -56,29 +57,11 @@ class ReplicaBackend:
     def sampling_defaults(self) -> SamplingParams:
         return self._meta.generation.sampling
 
-    def _check_ids(self, ids: list[int]) -> list[int]:
-        vocab = self._meta.config.text.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidPromptError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        tok = self._meta.tokenizer
-        image_id = self._meta.config.image_token_id
-        try:
-            check_no_image_tokens(ids, image_id if image_id is not None and image_id < vocab else tok.image_id)
-        except TokenizerError as exc:
-            raise InvalidPromptError(str(exc)) from exc
-        return ids
-
     async def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, list):
-            return self._check_ids(list(prompt))
-        return self._check_ids(self._meta.tokenizer.encode(prompt))
+        return self._prompts.encode(prompt)
 
     async def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        try:
-            return self._check_ids(self._meta.tokenizer.encode_chat(messages))
-        except TokenizerError as exc:
-            raise InvalidPromptError(str(exc)) from exc
+        return self._prompts.encode_chat(messages)
 
     async def ready(self) -> bool:
         try:

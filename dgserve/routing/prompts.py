@@ -1,0 +1,41 @@
+"""Turning an API prompt into checked token ids: shared by the in-process and the Ray Serve backends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dgserve.model.config import ModelConfig
+from dgserve.model.tokenizer import TokenizerError, check_no_image_tokens
+from dgserve.routing.ingress_app import InvalidPromptError
+
+
+class PromptEncoder:
+    """Encodes prompts and chats with the checkpoint's tokenizer and rejects ids outside the vocabulary or image
+    placeholders (text only), as ``InvalidPromptError`` (a 400)."""
+
+    def __init__(self, config: ModelConfig, tokenizer: Any) -> None:
+        self._vocab = config.text.vocab_size
+        self._tokenizer = tokenizer
+        image_id = config.image_token_id
+        self._image_id = image_id if image_id is not None and image_id < self._vocab else tokenizer.image_id
+
+    def check_ids(self, ids: list[int]) -> list[int]:
+        bad = next((t for t in ids if not 0 <= t < self._vocab), None)
+        if bad is not None:
+            raise InvalidPromptError(f"token id {bad} is outside the vocabulary [0, {self._vocab})")
+        try:
+            check_no_image_tokens(ids, self._image_id)
+        except TokenizerError as exc:
+            raise InvalidPromptError(str(exc)) from exc
+        return ids
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            return self.check_ids(list(prompt))
+        return self.check_ids(self._tokenizer.encode(prompt))
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        try:
+            return self.check_ids(self._tokenizer.encode_chat(messages))
+        except TokenizerError as exc:
+            raise InvalidPromptError(str(exc)) from exc
