@@ -130,25 +130,8 @@ def test_bad_job_arguments_are_clear(tmp_path, capsys, args, message):
 
 # -- on Ray ------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def ray_cluster(request):
-    """The suite's session Ray when conftest provides one, else a light local Ray for this module."""
-    try:
-        yield request.getfixturevalue("ray_session")
-        return
-    except pytest.FixtureLookupError:
-        pass
-    import ray
-
-    from dgserve.cluster.local_ray import start_local_ray
-
-    start_local_ray(num_cpus=4, object_store_bytes=128 << 20)
-    yield ray
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_bad_rows_go_to_errors_and_the_pool_grows_under_backlog(ray_cluster, tmp_path):
+def test_bad_rows_go_to_errors_and_the_pool_grows_under_backlog(ray_session, tmp_path):
     good = _write_prompts(tmp_path / "in.jsonl")
     job = BatchJob(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out.jsonl"), min_workers=1,
                    max_workers=2, **{**FAST, "steps": 8})
@@ -170,7 +153,7 @@ def test_bad_rows_go_to_errors_and_the_pool_grows_under_backlog(ray_cluster, tmp
 
 
 @pytest.mark.slow
-def test_kill_midway_then_rerun_gives_every_row_exactly_once(ray_cluster, tmp_path):
+def test_kill_midway_then_rerun_gives_every_row_exactly_once(ray_session, tmp_path):
     good = _write_prompts(tmp_path / "in.jsonl")
     out = tmp_path / "out.jsonl"
     args = ["batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--max-workers", "1",
@@ -178,7 +161,7 @@ def test_kill_midway_then_rerun_gives_every_row_exactly_once(ray_cluster, tmp_pa
             str(32 << 20), "--quiet"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_worker_prestart": "0",
            "RAY_prestart_worker_first_driver": "0"}
-    address = ray_cluster.get_runtime_context().gcs_address
+    address = ray_session.get_runtime_context().gcs_address
     proc = subprocess.Popen([sys.executable, "-m", "dgserve.deploy.cli", *args, "--address", address], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     parts = Path(str(out) + ".parts")
@@ -202,7 +185,7 @@ def test_kill_midway_then_rerun_gives_every_row_exactly_once(ray_cluster, tmp_pa
 
 
 @pytest.mark.slow
-def test_parquet_round_trip(ray_cluster, tmp_path):
+def test_parquet_round_trip(ray_session, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 

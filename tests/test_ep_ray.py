@@ -22,27 +22,6 @@ SAMPLING = SamplingParams(max_denoising_steps=5)
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(request):
-    """The suite's session Ray when conftest provides one, else a light local Ray for this module."""
-    try:
-        yield request.getfixturevalue("ray_session")
-        return
-    except pytest.FixtureLookupError:
-        pass
-    import ray
-
-    for k, v in {"RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_worker_prestart": "0",
-                 "RAY_prestart_worker_first_driver": "0"}.items():
-        os.environ.setdefault(k, v)
-    ray.init(num_cpus=4, include_dashboard=False, object_store_memory=128 << 20)
-    yield ray
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from dgserve.model.checkpoint import load, save
 
@@ -115,7 +94,7 @@ def _check_against_single(full, requests, results, record_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def ep2(ray_cluster, tiny, tmp_path_factory):
+def ep2(ray_session, tiny, tmp_path_factory):
     from ray import serve
 
     record = tmp_path_factory.mktemp("ep2-logits")
@@ -210,7 +189,7 @@ def test_killing_a_rank_restarts_the_gang(ep2, tiny):
     assert tokens == solo.token_ids
 
 
-def test_ep4_gang_matches_single_process(ray_cluster, tiny, tmp_path):
+def test_ep4_gang_matches_single_process(ray_session, tiny, tmp_path):
     from ray import serve
 
     handle = _deploy(4, tiny[0], tmp_path, "ep4")

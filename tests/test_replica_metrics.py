@@ -128,11 +128,20 @@ def test_rejections_failovers_experts_and_autoscaling_stats(rm):
     assert val(reg, "dgserve_throughput_tokens_per_s") == 800 and val(reg, "dgserve_capacity_tokens_per_s") == 1000
 
 
-def test_real_serve_metrics_without_a_running_ray():
+def test_real_serve_metrics_without_a_running_ray(caplog):
+    from ray.serve import metrics as serve_metrics
+
     metrics = ReplicaMetrics("tiny")  # ray.serve.metrics objects build (and record nowhere) in a plain process
-    metrics.on_final(FinalEvent("r", "stop", RequestStats(new_tokens=5, canvases=1, denoise_steps=4, seconds=0.1,
-                                                          time_to_first_canvas=0.1, steps_per_canvas=[4])))
-    metrics.on_engine_stats({"waiting": 1, "forwards": 3, "kv_blocks_used": 1, "kv_blocks_free": 2})
-    metrics.on_expert_counts({0: [1, 2]}, 1.1)
-    metrics.on_rejected(503)
-    metrics.on_failover()
+    real = {"counter": serve_metrics.Counter, "gauge": serve_metrics.Gauge, "histogram": serve_metrics.Histogram}
+    assert set(metrics._m) == set(METRIC_NAMES)
+    assert all(type(metrics._m[name]) is real[spec.kind] for name, spec in METRIC_NAMES.items())
+    with caplog.at_level("ERROR", logger="dgserve.replicas.metrics"):
+        metrics.on_final(FinalEvent("r", "stop", RequestStats(new_tokens=5, canvases=1, denoise_steps=4,
+                                                              seconds=0.1, time_to_first_canvas=0.1,
+                                                              steps_per_canvas=[4])))
+        metrics.on_engine_stats({"waiting": 1, "forwards": 3, "kv_blocks_used": 1, "kv_blocks_free": 2})
+        metrics.on_expert_counts({0: [1, 2]}, 1.1)
+        metrics.on_rejected(503)
+        metrics.on_failover()
+    # the on_* methods swallow errors (metrics never fail a request) and log them: none may have happened
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
