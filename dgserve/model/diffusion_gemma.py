@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dgserve.model.batch_invariance import short_row_limit
 from dgserve.model.config import ModelConfig
 from dgserve.model.kv import KVView, Segment
 from dgserve.model.layers import (
@@ -38,6 +39,9 @@ class DiffusionGemma(nn.Module):
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps)
         self.self_conditioning = SelfConditioning(t)
         self.dispatcher: MoEDispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
+        # prefill short whole prompts in forwards of their own (CPU batch invariance; never with a collective
+        # dispatcher, whose ranks must all run the same forwards)
+        self.isolate_short_prompts = True
         self._inv_freq = {
             "sliding_attention": rope_inv_freq(t.head_dim, t.rope_sliding),
             "full_attention": rope_inv_freq(t.global_head_dim, t.rope_full),
@@ -66,8 +70,36 @@ class DiffusionGemma(nn.Module):
         tokens ``[T]``; segments partition T in order; soft ``[T_denoise, H]``: the previous step's soft
         embeddings for the denoise tokens in segment order (None = all zeros, i.e. first steps).
         Returns the final-normed hidden states of the denoise tokens ``[T_denoise, H]``.
+
+        On CPU, whole prompts shorter than :func:`short_row_limit` tokens are prefilled first, each in a
+        forward of its own, as when they run alone (``dgserve.model.batch_invariance``): packed with other
+        work they would be rounded differently. (A longer prompt's chunks and prefix-cache tails are rounded
+        as the whole prompt is, in any call of at least that many rows.)
         """
         assert sum(s.length for s in segments) == tokens.shape[0]
+        if len(segments) > 1 and self.isolate_short_prompts and not self.dispatcher.collective:
+            limit = short_row_limit(tokens.device, self.dtype)
+            if any(_short_prompt(s, limit) for s in segments):
+                return self._forward_short_alone(tokens, segments, kv, soft, limit)
+        return self._forward_packed(tokens, segments, kv, soft)
+
+    def _forward_short_alone(self, tokens: torch.Tensor, segments: list[Segment], kv: KVView,
+                             soft: torch.Tensor | None, limit: int) -> torch.Tensor:
+        rest_tokens, rest_segments, start = [], [], 0
+        for seg in segments:
+            piece = tokens[start:start + seg.length]
+            start += seg.length
+            if _short_prompt(seg, limit):
+                self._forward_packed(piece, [seg], kv, None)  # encode: writes the cache, returns nothing
+            else:
+                rest_tokens.append(piece)
+                rest_segments.append(seg)
+        if not rest_segments:
+            return torch.empty(0, self.config.text.hidden_size, dtype=self.dtype, device=tokens.device)
+        return self._forward_packed(torch.cat(rest_tokens), rest_segments, kv, soft)
+
+    def _forward_packed(self, tokens: torch.Tensor, segments: list[Segment], kv: KVView,
+                        soft: torch.Tensor | None) -> torch.Tensor:
         device = tokens.device
         is_denoise = torch.cat([
             torch.full((s.length,), s.kind == "denoise", dtype=torch.bool, device=device) for s in segments
@@ -107,3 +139,8 @@ class DiffusionGemma(nn.Module):
         """Self-conditioning input: ``softmax(previous logits) @ E x sqrt(H)``, ``[n, V] fp32 -> [n, H]``."""
         w = self.embed_tokens.weight
         return (probs.to(w.dtype) @ w) * self.embed_scale(w.dtype)
+
+
+def _short_prompt(seg: Segment, limit: int) -> bool:
+    """A whole prompt (prefill from position 0) short enough that BLAS rounds it differently when packed."""
+    return seg.kind == "encode" and seg.position == 0 and seg.length < limit

@@ -3,7 +3,8 @@
 ``ExpertParallelDispatcher`` implements :class:`dgserve.model.moe.MoEDispatcher`: each (token, k)
 row goes to a rank holding its expert (an explicit :class:`ExpertPlacement`), is computed there
 grouped by local expert, comes back, and is combined with the router weights in fp32. Per call and
-layer: an ``all_to_all_single`` of per-(rank, local expert) counts, one of the rows, one back.
+layer: an ``all_to_all_single`` of per-(rank, local expert) counts, one of the rows and one of their
+segment tags, one back.
 Every rank must call it for every layer of every forward, also with zero tokens (mismatched
 collectives hang or time out). It also records routing counts, per-rank load and timings.
 """
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dgserve.model.moe import ExpertWeights, grouped_expert_mlp
+from dgserve.model.batch_invariance import segment_runs_pay_off
+from dgserve.model.moe import ExpertWeights, expert_runs, grouped_expert_mlp, solo_sort_order
 from dgserve.model.placement import ExpertPlacement
 
 log = logging.getLogger(__name__)
@@ -53,9 +55,12 @@ class ExpertParallelDispatcher:
 
     ``placement`` must be the same on every rank; this rank's model holds exactly
     ``placement.owned_experts(rank)`` (checked per call). Where an expert has several replicas, a
-    row goes to this rank's own copy if it has one, else to replica ``(token + rank) mod copies``:
+    row goes to this rank's own copy if it has one, else to replica ``(token + rank) mod copies``
+    (on CPU ``(segment + rank) mod copies``, keeping a segment's rows of an expert together):
     deterministic, and spreading a hot expert's rows over its copies.
     """
+
+    collective = True  # every rank calls it for every layer of every forward
 
     def __init__(self, placement: ExpertPlacement, rank: int, num_layers: int,
                  group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu",
@@ -97,7 +102,7 @@ class ExpertParallelDispatcher:
 
     # -- the MoEDispatcher interface --------------------------------------------------------------
     def __call__(self, layer: int, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                 experts: ExpertWeights) -> torch.Tensor:
+                 experts: ExpertWeights, segment_lengths: list[int] | None = None) -> torch.Tensor:
         assert experts.expert_ids == self.owned, (
             f"rank {self.rank} layer {layer} holds experts {experts.expert_ids}, placement says {self.owned}")
         w, lmax = self.world, self.max_local
@@ -106,12 +111,22 @@ class ExpertParallelDispatcher:
         t0 = self._now()
         flat_expert = top_k_index.reshape(-1)  # [T*K] global expert ids
         token = torch.arange(num_tokens, device=x.device).repeat_interleave(k)  # [T*K]
+        invariant = segment_runs_pay_off(x.device)  # the same on every rank of a group
+        lengths = segment_lengths if segment_lengths is not None and invariant else [num_tokens]
+        seg_of_token = torch.repeat_interleave(
+            torch.arange(len(lengths), device=x.device), torch.tensor(lengths, device=x.device))
+        tag = seg_of_token.index_select(0, token)  # [T*K] which segment each row belongs to
         copies = self._copies[flat_expert]
         own = self._own_copy[flat_expert]
-        choice = torch.where(own >= 0, own, (token + self.rank) % copies)
+        # spread a replicated expert's rows over its copies by token; on CPU by segment, so that all rows of
+        # a segment for one expert stay in one matmul (batch invariance, see segment_runs_pay_off)
+        spread = tag if invariant else token
+        choice = torch.where(own >= 0, own, (spread + self.rank) % copies)
         dest = self._replica_rank[flat_expert, choice]  # [T*K] destination rank
         key = dest * lmax + self._local_index[dest, flat_expert]  # (rank, local expert) bucket
-        perm = torch.argsort(key, stable=True)
+        # within a bucket: segment by segment, each in the order of a dispatch of that segment alone
+        base = solo_sort_order(flat_expert, lengths, k)
+        perm = base.index_select(0, torch.argsort(key.index_select(0, base), stable=True))
         send_counts = torch.bincount(key, minlength=w * lmax)  # [W*Lmax]
         recv_counts = torch.empty_like(send_counts)
         self._routed[layer] += torch.bincount(flat_expert, minlength=self.placement.num_experts).to(self._routed)
@@ -123,15 +138,25 @@ class ExpertParallelDispatcher:
         send_x = x.index_select(0, token.index_select(0, perm))  # [T*K, H], bucket order
         recv_x = x.new_empty(sum(recv_splits), hidden)
         dist.all_to_all_single(recv_x, send_x, recv_splits, send_splits, group=self.group)
+        recv_tag = tag.new_zeros(recv_x.shape[0])
+        if invariant:
+            dist.all_to_all_single(recv_tag, tag.index_select(0, perm), recv_splits, send_splits, group=self.group)
         t2 = self._now()
-        # received rows are source-major, local-expert-minor: regroup by local expert
-        n_local = len(self.owned)
+        # received rows are source-major, local-expert-minor: regroup by local expert; on CPU run each
+        # (local expert, source rank, segment) as a matmul of its own, so that a segment's expert outputs
+        # do not depend on the rows other segments or other ranks send along (batch invariance)
         local_of_row = torch.arange(lmax, device=x.device).repeat(w).repeat_interleave(recv_counts)
+        source_of_row = torch.arange(w, device=x.device).repeat_interleave(lmax).repeat_interleave(recv_counts)
         order = torch.argsort(local_of_row, stable=True)
-        per_expert = recv_matrix.sum(0)[:n_local]
-        y_grouped = grouped_expert_mlp(recv_x.index_select(0, order), per_expert, experts)
         y = torch.empty_like(recv_x)
-        y[order] = y_grouped
+        if order.numel() and not invariant:
+            y[order] = grouped_expert_mlp(recv_x.index_select(0, order), recv_matrix.sum(0)[:len(self.owned)], experts)
+        elif order.numel():
+            num_tags = int(recv_tag.max()) + 1
+            run_key = ((local_of_row * w + source_of_row) * num_tags + recv_tag).index_select(0, order)
+            run_ids, run_counts = torch.unique_consecutive(run_key, return_counts=True)
+            runs = list(zip((run_ids // (w * num_tags)).tolist(), run_counts.tolist(), strict=True))
+            y[order] = expert_runs(recv_x.index_select(0, order), runs, experts)
         t3 = self._now()
         back = x.new_empty(num_tokens * k, hidden)
         dist.all_to_all_single(back, y, send_splits, recv_splits, group=self.group)

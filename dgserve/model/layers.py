@@ -207,7 +207,8 @@ class TransformerLayer(nn.Module):
         x = residual + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx))
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
         weights, index = self.router(x)
-        moe = ctx.dispatcher(self.layer, self.pre_feedforward_layernorm_2(x), index, weights, self.experts)
+        moe = ctx.dispatcher(self.layer, self.pre_feedforward_layernorm_2(x), index, weights, self.experts,
+                             [seg.length for seg in ctx.segments])
         x = x + self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(moe))
         return x * scalar
 

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dgserve.model.batch_invariance import segment_runs_pay_off
+
 
 class ExpertWeights(nn.Module):
     """Packed expert MLPs of one layer, ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``.
@@ -35,14 +37,23 @@ class ExpertWeights(nn.Module):
 
 
 class MoEDispatcher(Protocol):
-    """Computes ``sum_k weight[t, k] * expert_{index[t, k]}(x[t])`` for every token ``t``."""
+    """Computes ``sum_k weight[t, k] * expert_{index[t, k]}(x[t])`` for every token ``t``.
+
+    ``collective``: every rank of a group must make the same calls, so the model may not add a forward
+    of its own accord (it then never splits a packed batch)."""
+
+    collective: bool
 
     def __call__(
         self, layer: int, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-        experts: ExpertWeights,
+        experts: ExpertWeights, segment_lengths: list[int] | None = None,
     ) -> torch.Tensor:
         """x ``[T, H]``, top_k_index ``[T, K]`` (global expert ids), top_k_weights ``[T, K]`` fp32.
-        Returns ``[T, H]`` in x's dtype; the weighted combination is accumulated in fp32."""
+        Returns ``[T, H]`` in x's dtype; the weighted combination is accumulated in fp32.
+
+        ``segment_lengths`` splits the T tokens into the packed forward's segments (in order). A
+        dispatcher that keeps each segment's rows of an expert in a matmul of their own makes a
+        segment's result independent of what else is in the batch (see :func:`expert_runs`)."""
         ...
 
 
@@ -84,8 +95,36 @@ def grouped_expert_mlp(sorted_x: torch.Tensor, counts: torch.Tensor, experts: Ex
             return F.grouped_mm(F.gelu(gate, approximate="tanh") * up, experts.down_proj.transpose(-2, -1), offs=offs)
         except RuntimeError:
             pass  # unsupported dtype/layout/device for the grouped kernel: loop instead
+    return expert_runs(sorted_x, [(local, int(n)) for local, n in enumerate(counts.tolist())], experts)
+
+
+def solo_sort_order(flat_expert: torch.Tensor, segment_lengths: list[int], k: int) -> torch.Tensor:
+    """A permutation of the ``T*K`` (token, k) rows: segment after segment, each segment's rows in the order
+    ``torch.sort`` puts its expert ids in when the segment is dispatched alone (as the reference does).
+
+    Within one matmul, the row's position matters too (with 2 threads, BLAS splits a few rows unevenly
+    between threads), so a stable re-sort of this order by expert gives every segment's rows of an expert
+    the same positions as in the segment's own forward."""
+    parts, start = [], 0
+    for n in segment_lengths:
+        rows = n * k
+        parts.append(torch.sort(flat_expert[start:start + rows])[1] + start)
+        start += rows
+    return torch.cat(parts) if parts else flat_expert.new_empty(0)
+
+
+def expert_runs(sorted_x: torch.Tensor, runs: list[tuple[int, int]], experts: ExpertWeights) -> torch.Tensor:
+    """Consecutive runs of ``sorted_x``: run ``(local, n)`` is ``n`` rows through local expert ``local``,
+    each run one matmul per projection.
+
+    This is what makes a batched forward batch-invariant on CPU: BLAS rounds a row differently when only a
+    handful of rows share the call, so a segment whose rows of an expert get a call of their own, of the
+    size and order of when it runs alone, gets bit-identical expert outputs whatever its batch-mates are
+    (``dgserve.model.batch_invariance``)."""
+    if sorted_x.shape[0] == 0:
+        return sorted_x.new_empty(0, sorted_x.shape[1])
     out, start = [], 0
-    for local, n in enumerate(counts.tolist()):
+    for local, n in runs:
         if n:
             out.append(experts.run_expert(local, sorted_x[start:start + n]))
         start += n
@@ -96,6 +135,8 @@ class LocalDispatcher:
     """All experts on this device: rows sorted by expert, grouped matmuls, weighted combination
     summed over the top-k in fp32 (the reference's grouped path, so results match it bit for bit
     where the kernels agree)."""
+
+    collective = False
 
     def __init__(self) -> None:
         self.last_counts: dict[int, torch.Tensor] = {}  # layer -> tokens per expert of the last call
@@ -108,16 +149,31 @@ class LocalDispatcher:
 
     def __call__(
         self, layer: int, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-        experts: ExpertWeights,
+        experts: ExpertWeights, segment_lengths: list[int] | None = None,
     ) -> torch.Tensor:
         num_tokens, k = top_k_index.shape
+        num_local = len(experts.expert_ids)
         flat_expert = top_k_index.reshape(-1)  # [T*K]
-        sorted_expert, perm = torch.sort(flat_expert)
-        counts = torch.bincount(sorted_expert, minlength=len(experts.expert_ids))
+        if segment_lengths is None or len(segment_lengths) <= 1 or not segment_runs_pay_off(x.device):
+            sorted_expert, perm = torch.sort(flat_expert)
+            counts = torch.bincount(sorted_expert, minlength=num_local)
+            y = grouped_expert_mlp(x[perm // k], counts, experts)  # [T*K, H], sorted order
+        else:
+            # one matmul per (expert, segment), each segment's rows in the order of a forward of that
+            # segment alone: its expert outputs are then bit-identical to that forward, whatever else is packed
+            num_seg = len(segment_lengths)
+            base = solo_sort_order(flat_expert, segment_lengths, k)
+            seg_of_row = torch.repeat_interleave(
+                torch.arange(num_seg, device=x.device), torch.tensor(segment_lengths, device=x.device) * k)
+            key = flat_expert.index_select(0, base) * num_seg + seg_of_row
+            perm = base.index_select(0, torch.argsort(key, stable=True))
+            per_pair = torch.bincount(key, minlength=num_local * num_seg)
+            counts = per_pair.view(num_local, num_seg).sum(1)
+            runs = [(i // num_seg, n) for i, n in enumerate(per_pair.tolist()) if n]
+            y = expert_runs(x[perm // k], runs, experts)
         self.last_counts[layer] = counts
         prev = self._totals.get(layer)
         self._totals[layer] = counts if prev is None else prev + counts
-        y = grouped_expert_mlp(x[perm // k], counts, experts)  # [T*K, H], sorted order
         weighted = y * top_k_weights.reshape(-1)[perm].unsqueeze(-1)
         inv = torch.empty_like(perm)
         inv[perm] = torch.arange(perm.shape[0], device=perm.device)
