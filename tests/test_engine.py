@@ -214,6 +214,34 @@ def test_async_engine_streams_and_cancels(tiny):
         aeng.shutdown()
 
 
+def test_queue_filling_after_the_check_gives_a_typed_overloaded_final(tiny, monkeypatch):
+    """The queue can fill between generate()'s admission check and the worker thread's add_request: the request
+    then ends with a FinalEvent flagged ``overloaded`` (backends answer 429 on the flag, not on the message)."""
+    from dgserve.engine.engine import EngineOverloaded
+    from dgserve.routing.ingress_app import OverloadedError
+    from dgserve.routing.local_backend import LocalBackend
+
+    backend = LocalBackend(tiny, EngineConfig(kv_cache_memory=4 << 20))
+    aeng = backend.aengine
+
+    def full(req: GenerationRequest) -> None:
+        raise EngineOverloaded(7)
+
+    monkeypatch.setattr(backend.engine, "add_request", full)  # generate() checks, then the worker finds it full
+
+    async def main():
+        events = [ev async for ev in aeng.generate(_requests(1, seed=6)[0])]
+        assert len(events) == 1 and isinstance(events[0], FinalEvent)
+        assert events[0].finish_reason == "error" and events[0].overloaded and not events[0].retryable
+        with pytest.raises(OverloadedError):
+            _ = [ev async for ev in backend.generate(_requests(1, seed=7)[0])]
+
+    try:
+        asyncio.run(main())
+    finally:
+        aeng.shutdown()
+
+
 def test_stop_string_cuts_committed_text(tiny):
     engine = Engine(tiny.model, tiny.generation, tiny.tokenizer, EngineConfig(kv_cache_memory=4 << 20))
     r = _requests(1, seed=6)[0]

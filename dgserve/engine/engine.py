@@ -471,7 +471,8 @@ class AsyncEngine:
                     try:
                         self.engine.add_request(item)
                     except (ValueError, EngineOverloaded) as exc:
-                        events.append(FinalEvent(item.request_id, "error", RequestStats(), str(exc)))
+                        events.append(FinalEvent(item.request_id, "error", RequestStats(), str(exc),
+                                                 overloaded=isinstance(exc, EngineOverloaded)))
                 else:
                     events.extend(self.engine.cancel(str(item)))
             if self.engine.has_work():

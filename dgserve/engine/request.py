@@ -92,6 +92,8 @@ class FinalEvent:
     # the failure was the server's (a failed expert-parallel group, a dying replica), not the request's: the
     # caller may resubmit the prompt + committed tokens elsewhere
     retryable: bool = False
+    # refused at admission because the engine's queue was full (nothing was generated): answer 429
+    overloaded: bool = False
 
 
 Event = CanvasEvent | DraftEvent | FinalEvent

@@ -109,7 +109,8 @@ class LockstepEngine:
                 try:
                     self.engine.add_request(item)
                 except (ValueError, EngineOverloaded) as exc:
-                    events.append(FinalEvent(item.request_id, "error", RequestStats(), str(exc)))
+                    events.append(FinalEvent(item.request_id, "error", RequestStats(), str(exc),
+                                             overloaded=isinstance(exc, EngineOverloaded)))
             else:
                 events.extend(self.engine.cancel(str(item)))
 

@@ -68,8 +68,7 @@ class LocalBackend:
                 raise InvalidPromptError(str(exc)) from exc
             event: Event = first
             while True:
-                if (isinstance(event, FinalEvent) and event.finish_reason == "error" and not yielded
-                        and event.error and "queue is full" in event.error):
+                if isinstance(event, FinalEvent) and event.overloaded and not yielded:
                     # the queue filled between the check and the worker thread's add_request
                     raise OverloadedError(self._retry_after_s)
                 yielded |= isinstance(event, CanvasEvent)

@@ -88,7 +88,7 @@ class ReplicaBackend:
                         yielded = True
                         yield ev
                     elif isinstance(ev, FinalEvent):
-                        if ev.finish_reason == "error" and not yielded and ev.error and "queue is full" in ev.error:
+                        if ev.overloaded and not yielded:
                             raise OverloadedError(retry_after=1.0)
                         if ev.finish_reason == "error" and ev.retryable:
                             # the replica's side failed (its expert-parallel group broke): not this request's fault
