@@ -22,11 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.bench_args import add_preset_args, add_run_args, int_list, resolve_preset  # noqa: E402
 from bench.bench_record import BenchRun, md_table, set_threads  # noqa: E402
-from bench.workload import drive_engine, make_engine, uniform_mix  # noqa: E402
+from bench.workload import drive_engine, uniform_mix, warm_engine  # noqa: E402
 from dgserve.model.checkpoint import load  # noqa: E402
 from dgserve.model.config import PRESETS, human_params  # noqa: E402
-from dgserve.model.generation_config import SamplingParams  # noqa: E402
 
 DEFAULT_PLOT = ROOT / "docs" / "bench" / "concurrency_curve.png"
 
@@ -68,30 +68,19 @@ def plot(points: list[dict[str, Any]], path: Path, title: str) -> str | None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--small", action="store_true", help="tiny-random, N = 1,2,4 (the smoke test)")
-    p.add_argument("--preset", default=None, help="model preset (default bench-cpu; --small: tiny-random)")
+    add_preset_args(p, "tiny-random, N = 1,2,4 (the smoke test)")
     p.add_argument("--concurrency", default=None, help="comma-separated N (default 1,2,4,8,16,32,64; small 1,2,4)")
     p.add_argument("--steps", type=int, default=None, help="max denoising steps per canvas (default 16; small 4)")
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 32; small 8)")
     p.add_argument("--max-tokens", type=int, default=None, help="new tokens per request (default one canvas)")
     p.add_argument("--plot", default=None, help=f"PNG path (default {DEFAULT_PLOT.relative_to(ROOT)}; "
                    "'' for none)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise-prefetch-bytes", type=int, default=None,
                    help="engine's sampling_noise_prefetch_bytes (default: the engine's; 0: draw inline, as before)")
-    p.add_argument("--out", default=None, help="append the JSON record to this file")
+    add_run_args(p)
     a = p.parse_args(argv)
-    a.preset = a.preset or ("tiny-random" if a.small else "bench-cpu")
-    if a.preset not in PRESETS:
-        p.error(f"--preset {a.preset!r}: choose one of {', '.join(sorted(PRESETS))}")
-    try:
-        a.concurrency = sorted({int(x) for x in (a.concurrency or ("1,2,4" if a.small else "1,2,4,8,16,32,64"))
-                                .split(",") if x.strip()})
-    except ValueError:
-        p.error("--concurrency: comma-separated positive integers")
-    if not a.concurrency or a.concurrency[0] < 1:
-        p.error("--concurrency: comma-separated positive integers")
+    resolve_preset(p, a)
+    a.concurrency = int_list(p, "--concurrency", a.concurrency or ("1,2,4" if a.small else "1,2,4,8,16,32,64"))
     a.steps = a.steps or (4 if a.small else 16)
     a.prompt_len = a.prompt_len or (8 if a.small else 32)
     a.max_tokens = a.max_tokens or PRESETS[a.preset].canvas_length
@@ -104,10 +93,9 @@ def run(a: argparse.Namespace) -> None:
     threads = set_threads(a.threads)
     lm = load(a.preset, seed=a.seed)
     cfg = lm.config
-    sampling = SamplingParams(max_denoising_steps=a.steps)
-    engine = make_engine(lm, max_running=max(64, max(a.concurrency)), noise_prefetch_bytes=a.noise_prefetch_bytes)
+    engine, sampling = warm_engine(lm, a.steps, a.seed, max_running=max(64, max(a.concurrency)),
+                                   noise_prefetch_bytes=a.noise_prefetch_bytes)
     vocab = cfg.text.vocab_size
-    drive_engine(engine, uniform_mix(2, vocab, 4, cfg.canvas_length, seed=a.seed + 99), sampling, "warm")
     points: list[dict[str, Any]] = []
     for n in a.concurrency:
         res = drive_engine(engine, uniform_mix(n, vocab, a.prompt_len, a.max_tokens, seed=a.seed + n), sampling,

@@ -38,6 +38,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.ar_baseline import generate_ar  # noqa: E402
+from bench.bench_args import add_preset_args, add_run_args, int_list, resolve_preset  # noqa: E402
 from bench.bench_record import BenchRun, md_table, set_threads  # noqa: E402
 from bench.hf_models import gemma4_causal_lm  # noqa: E402
 from bench.workload import RequestSpec, abba, drive_engine, make_engine, random_prompt  # noqa: E402
@@ -179,8 +180,7 @@ def _break_even_note(key: str, v: dict[str, Any], steps: list[int]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--small", action="store_true", help="tiny-random, batch 4 (the smoke test)")
-    p.add_argument("--preset", default=None, help="model preset (default bench-cpu; --small: tiny-random)")
+    add_preset_args(p, "tiny-random, batch 4 (the smoke test)")
     p.add_argument("--steps", default=None, help="denoising steps per canvas, comma separated (default 12,16,48; "
                    "small 2,4)")
     p.add_argument("--batch", type=int, default=None, help="the batched size (default 16; small 4)")
@@ -188,16 +188,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=None, help="new tokens per sequence (default one canvas)")
     p.add_argument("--reps", type=int, default=1, help="alternations of the side order (A..Z, Z..A, ...)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' Gemma 4 AR side")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="append the JSON record to this file")
+    add_run_args(p)
     a = p.parse_args(argv)
-    a.preset = a.preset or ("tiny-random" if a.small else "bench-cpu")
-    if a.preset not in PRESETS:
-        p.error(f"--preset {a.preset!r}: choose one of {', '.join(sorted(PRESETS))}")
-    a.steps = sorted({int(x) for x in (a.steps or ("2,4" if a.small else "12,16,48")).split(",") if x.strip()})
-    if not a.steps or min(a.steps) < 1:
-        p.error("--steps: comma-separated positive integers")
+    resolve_preset(p, a)
+    a.steps = int_list(p, "--steps", a.steps or ("2,4" if a.small else "12,16,48"))
     a.micro_s = 0.05 if a.small else 0.25
     a.batch = a.batch or (4 if a.small else 16)
     a.prompt_len = a.prompt_len or (8 if a.small else 32)

@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.bench_args import add_preset_args, add_run_args, resolve_preset  # noqa: E402
 from bench.bench_record import BenchRun, md_table, set_threads  # noqa: E402
 from bench.hf_models import reference_diffusion  # noqa: E402
 from bench.workload import (  # noqa: E402
@@ -133,8 +134,7 @@ def _compare(runs: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, float], d
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--small", action="store_true", help="tiny-random at the smallest sizes (the smoke test)")
-    p.add_argument("--preset", default=None, help="model preset (default bench-cpu; --small: tiny-random)")
+    add_preset_args(p, "tiny-random at the smallest sizes (the smoke test)")
     p.add_argument("--steps", type=int, default=None, help="max denoising steps per canvas (default 16; small 4)")
     p.add_argument("--parts", default="a,b", help="which parts to run: a, b or a,b")
     p.add_argument("--prompt-len", type=int, default=None, help="(a) prompt tokens (default 32; small 8)")
@@ -148,14 +148,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="(b) min,max new tokens (default canvas/2,4 canvases: 32,256 for bench-cpu)")
     p.add_argument("--reps-b", type=int, default=1, help="(b) alternations (default 1: reference, then dgserve)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per side")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: one per core)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default=None, help="where to write the shared checkpoint (default: a temp dir)")
-    p.add_argument("--out", default=None, help="append the JSON record to this file")
+    add_run_args(p)
     a = p.parse_args(argv)
-    a.preset = a.preset or ("tiny-random" if a.small else "bench-cpu")
-    if a.preset not in PRESETS:
-        p.error(f"--preset {a.preset!r}: choose one of {', '.join(sorted(PRESETS))}")
+    resolve_preset(p, a)
     canvas = PRESETS[a.preset].canvas_length
     a.steps = a.steps or (4 if a.small else 16)
     a.prompt_len = a.prompt_len or (8 if a.small else 32)

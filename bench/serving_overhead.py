@@ -37,8 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.bench_args import add_preset_args, add_run_args, resolve_preset  # noqa: E402
 from bench.bench_record import BenchRun, md_table, set_threads  # noqa: E402
-from bench.workload import DEFAULT_KV_BYTES, RequestSpec, abba, uniform_mix  # noqa: E402
+from bench.workload import DEFAULT_KV_BYTES, RequestSpec, abba, uniform_mix, warmup_mix  # noqa: E402
 from dgserve.model.checkpoint import ASSETS, GenerationDefaults, load, save  # noqa: E402
 from dgserve.model.config import PRESETS, human_params  # noqa: E402
 from dgserve.model.generation_config import SamplingParams  # noqa: E402
@@ -155,8 +156,7 @@ def _replica_torch_threads() -> int | None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--small", action="store_true", help="tiny-random, 8 requests (the smoke test)")
-    p.add_argument("--preset", default=None, help="model preset (default bench-cpu; --small: tiny-random)")
+    add_preset_args(p, "tiny-random, 8 requests (the smoke test)")
     p.add_argument("--requests", type=int, default=None, help="requests per side and rep (default 32; small 8)")
     p.add_argument("--concurrency", type=int, default=None, help="requests in flight (default 16; small 4)")
     p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 32; small 8)")
@@ -166,16 +166,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stream", action="store_true", help="stream SSE over HTTP (default: plain JSON responses)")
     p.add_argument("--replica-cpus", type=float, default=None,
                    help="Ray num_cpus of the replica (default: all cores; Ray sets its torch threads from it)")
-    p.add_argument("--threads", type=int, default=0,
-                   help="in-process torch threads (default: the replica's, i.e. int(replica cpus))")
     p.add_argument("--http-base", default=None,
                    help="use an already running Ray Serve with its HTTP proxy at this URL (default: start one)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="append the JSON record to this file")
+    add_run_args(p, threads_help="in-process torch threads (default: the replica's, i.e. int(replica cpus))")
     a = p.parse_args(argv)
-    a.preset = a.preset or ("tiny-random" if a.small else "bench-cpu")
-    if a.preset not in PRESETS:
-        p.error(f"--preset {a.preset!r}: choose one of {', '.join(sorted(PRESETS))}")
+    resolve_preset(p, a)
     a.requests = a.requests or (8 if a.small else 32)
     a.concurrency = a.concurrency or (4 if a.small else 16)
     a.prompt_len = a.prompt_len or (8 if a.small else 32)
@@ -232,7 +227,7 @@ def run(a: argparse.Namespace) -> None:
         aengine = AsyncEngine(Engine(lm.model, lm.generation, lm.tokenizer, config.engine))
         vocab = lm.config.text.vocab_size
         try:
-            warm = uniform_mix(2, vocab, 4, lm.config.canvas_length, seed=a.seed + 99)
+            warm = warmup_mix(lm, a.seed)
             run_in_process(aengine, warm, 2, "warm")
             run_http(base, warm, 2, a.stream)
             runs: dict[str, list[dict[str, Any]]] = {"in_process": [], "http_serve": []}

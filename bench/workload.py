@@ -167,6 +167,20 @@ def drive_engine(engine: Engine, specs: list[RequestSpec], sampling: SamplingPar
                       forwards=engine.forwards - forwards0, cpu_s=time.process_time() - cpu0)
 
 
+def warmup_mix(lm: LoadedModel, seed: int) -> list[RequestSpec]:
+    """Two short requests of one canvas, for an untimed warm-up before the measured runs."""
+    return uniform_mix(2, lm.config.text.vocab_size, 4, lm.config.canvas_length, seed=seed + 99)
+
+
+def warm_engine(lm: LoadedModel, steps: int, seed: int, max_running: int = 64,
+                noise_prefetch_bytes: int | None = None) -> tuple[Engine, SamplingParams]:
+    """:func:`make_engine` with the benchmarks' sampler (``steps`` denoising steps), warmed up."""
+    sampling = SamplingParams(max_denoising_steps=steps)
+    engine = make_engine(lm, max_running=max_running, noise_prefetch_bytes=noise_prefetch_bytes)
+    drive_engine(engine, warmup_mix(lm, seed), sampling, "warm")
+    return engine, sampling
+
+
 def abba(reps: int, sides: list[str]) -> list[tuple[int, str]]:
     """Alternating side order over ``reps`` rounds, as (round, side): A B, B A, A B, ... so drift hits
     both sides alike. Give each round its own prompts: a repeated prompt would hit dgserve's prefix

@@ -99,6 +99,17 @@ def test_concurrency_curve_small_through_the_cli(tmp_path: Path) -> None:
         assert r["plot"] == str(png) and png.stat().st_size > 1000
 
 
+def test_step_floor_small(tmp_path: Path) -> None:
+    out = tmp_path / "r.jsonl"
+    r = _check_record(_run(["bench/step_floor.py", "--small", "--threads", "1", "--out", str(out)]), "step_floor", out)
+    assert [p["concurrency"] for p in r["points"]] == [1, 2]
+    for p in r["points"]:
+        _positive(p, "tokens_per_s", "wall_ms", "matmul_ms", "exp_ms", "floor_ms", "max_tokens_per_s")
+        assert p["canvas_steps"] == p["concurrency"] * r["steps"]  # one canvas each, every step taken
+        assert p["matmul_ms"] < p["wall_ms"] and 0 < p["matmul_share"] < 1
+        assert p["floor_ms"] == pytest.approx(p["matmul_ms"] + p["exp_ms"] / r["threads"], abs=0.02)
+
+
 def test_serving_overhead_small(serve_http: str, tmp_path: Path) -> None:
     from bench import serving_overhead
 
@@ -120,7 +131,7 @@ def test_serving_overhead_small(serve_http: str, tmp_path: Path) -> None:
 def test_bench_cli_lists_and_rejects(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "--list"]) == 0
     listed = capsys.readouterr().out
-    for name in ("engine-vs-reference", "diffusion-vs-ar", "concurrency-curve", "serving-overhead"):
+    for name in ("engine-vs-reference", "diffusion-vs-ar", "concurrency-curve", "serving-overhead", "step-floor"):
         assert name in listed
     assert cli.main(["bench", "no-such-bench"]) == 2
     assert "unknown benchmark 'no-such-bench'" in capsys.readouterr().err

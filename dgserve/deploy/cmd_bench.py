@@ -23,6 +23,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "engine-vs-reference": ("engine_vs_reference.py", "dgserve engine vs transformers' generate (CPU)"),
     "diffusion-vs-ar": ("diffusion_vs_ar.py", "block diffusion vs autoregressive decoding, with a roofline"),
     "concurrency-curve": ("concurrency_curve.py", "tokens/s and time to first canvas vs concurrent requests"),
+    "step-floor": ("step_floor.py", "matmul + multinomial-noise floor of a denoising step (exact-parity bound)"),
     "serving-overhead": ("serving_overhead.py", "HTTP + Ray Serve vs the engine in-process at saturation"),
     "ep-overhead": ("ep_overhead.py", "expert-parallel step split (CPU, gloo) + DGX H100 roofline"),
     "gpu-suite": ("gpu_suite.sh", "the one-GPU suite (26B-A4B, random bf16 weights; --cpu-smoke on CPU)"),
