@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from dgserve.model.batch_invariance import segment_runs_pay_off
-from dgserve.model.moe import ExpertWeights, expert_runs, grouped_expert_mlp, solo_sort_order
+from dgserve.model.moe import ExpertWeights, expert_runs, grouped_expert_mlp, segment_of_rows, solo_sort_order
 from dgserve.model.placement import ExpertPlacement
 
 log = logging.getLogger(__name__)
@@ -111,22 +111,24 @@ class ExpertParallelDispatcher:
         t0 = self._now()
         flat_expert = top_k_index.reshape(-1)  # [T*K] global expert ids
         token = torch.arange(num_tokens, device=x.device).repeat_interleave(k)  # [T*K]
-        invariant = segment_runs_pay_off(x.device)  # the same on every rank of a group
-        lengths = segment_lengths if segment_lengths is not None and invariant else [num_tokens]
-        seg_of_token = torch.repeat_interleave(
-            torch.arange(len(lengths), device=x.device), torch.tensor(lengths, device=x.device))
-        tag = seg_of_token.index_select(0, token)  # [T*K] which segment each row belongs to
+        # on CPU, rows carry their segment so that each segment's rows of an expert get a matmul of their own
+        # (batch invariance, see segment_runs_pay_off); the same choice on every rank of a group
+        invariant = segment_runs_pay_off(x.device)
+        lengths = segment_lengths if segment_lengths is not None else [num_tokens]
+        tag = segment_of_rows(lengths, k, x.device) if invariant else None  # [T*K]
         copies = self._copies[flat_expert]
         own = self._own_copy[flat_expert]
         # spread a replicated expert's rows over its copies by token; on CPU by segment, so that all rows of
-        # a segment for one expert stay in one matmul (batch invariance, see segment_runs_pay_off)
-        spread = tag if invariant else token
+        # a segment for one expert stay together
+        spread = token if tag is None else tag
         choice = torch.where(own >= 0, own, (spread + self.rank) % copies)
         dest = self._replica_rank[flat_expert, choice]  # [T*K] destination rank
         key = dest * lmax + self._local_index[dest, flat_expert]  # (rank, local expert) bucket
-        # within a bucket: segment by segment, each in the order of a dispatch of that segment alone
-        base = solo_sort_order(flat_expert, lengths, k)
-        perm = base.index_select(0, torch.argsort(key.index_select(0, base), stable=True))
+        if tag is None:
+            perm = torch.argsort(key, stable=True)
+        else:  # within a bucket: segment by segment, each in the order of a dispatch of that segment alone
+            base = solo_sort_order(flat_expert, lengths, k)
+            perm = base.index_select(0, torch.argsort(key.index_select(0, base), stable=True))
         send_counts = torch.bincount(key, minlength=w * lmax)  # [W*Lmax]
         recv_counts = torch.empty_like(send_counts)
         self._routed[layer] += torch.bincount(flat_expert, minlength=self.placement.num_experts).to(self._routed)
@@ -138,20 +140,20 @@ class ExpertParallelDispatcher:
         send_x = x.index_select(0, token.index_select(0, perm))  # [T*K, H], bucket order
         recv_x = x.new_empty(sum(recv_splits), hidden)
         dist.all_to_all_single(recv_x, send_x, recv_splits, send_splits, group=self.group)
-        recv_tag = tag.new_zeros(recv_x.shape[0])
-        if invariant:
+        if tag is not None:
+            recv_tag = tag.new_empty(recv_x.shape[0])
             dist.all_to_all_single(recv_tag, tag.index_select(0, perm), recv_splits, send_splits, group=self.group)
         t2 = self._now()
         # received rows are source-major, local-expert-minor: regroup by local expert; on CPU run each
         # (local expert, source rank, segment) as a matmul of its own, so that a segment's expert outputs
         # do not depend on the rows other segments or other ranks send along (batch invariance)
         local_of_row = torch.arange(lmax, device=x.device).repeat(w).repeat_interleave(recv_counts)
-        source_of_row = torch.arange(w, device=x.device).repeat_interleave(lmax).repeat_interleave(recv_counts)
         order = torch.argsort(local_of_row, stable=True)
         y = torch.empty_like(recv_x)
-        if order.numel() and not invariant:
+        if order.numel() and tag is None:
             y[order] = grouped_expert_mlp(recv_x.index_select(0, order), recv_matrix.sum(0)[:len(self.owned)], experts)
         elif order.numel():
+            source_of_row = torch.arange(w, device=x.device).repeat_interleave(lmax).repeat_interleave(recv_counts)
             num_tags = int(recv_tag.max()) + 1
             run_key = ((local_of_row * w + source_of_row) * num_tags + recv_tag).index_select(0, order)
             run_ids, run_counts = torch.unique_consecutive(run_key, return_counts=True)

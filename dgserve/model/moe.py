@@ -98,6 +98,12 @@ def grouped_expert_mlp(sorted_x: torch.Tensor, counts: torch.Tensor, experts: Ex
     return expert_runs(sorted_x, [(local, int(n)) for local, n in enumerate(counts.tolist())], experts)
 
 
+def segment_of_rows(segment_lengths: list[int], k: int, device: torch.device) -> torch.Tensor:
+    """``[T*K]``: the segment of each (token, k) row of a packed forward (rows token-major, as dispatched)."""
+    lengths = torch.tensor(segment_lengths, device=device) * k
+    return torch.repeat_interleave(torch.arange(len(segment_lengths), device=device), lengths)
+
+
 def solo_sort_order(flat_expert: torch.Tensor, segment_lengths: list[int], k: int) -> torch.Tensor:
     """A permutation of the ``T*K`` (token, k) rows: segment after segment, each segment's rows in the order
     ``torch.sort`` puts its expert ids in when the segment is dispatched alone (as the reference does).
@@ -163,9 +169,8 @@ class LocalDispatcher:
             # segment alone: its expert outputs are then bit-identical to that forward, whatever else is packed
             num_seg = len(segment_lengths)
             base = solo_sort_order(flat_expert, segment_lengths, k)
-            seg_of_row = torch.repeat_interleave(
-                torch.arange(num_seg, device=x.device), torch.tensor(segment_lengths, device=x.device) * k)
-            key = flat_expert.index_select(0, base) * num_seg + seg_of_row
+            # base lists the rows segment by segment, so the segment of base[j] is the segment of row j
+            key = flat_expert.index_select(0, base) * num_seg + segment_of_rows(segment_lengths, k, x.device)
             perm = base.index_select(0, torch.argsort(key, stable=True))
             per_pair = torch.bincount(key, minlength=num_local * num_seg)
             counts = per_pair.view(num_local, num_seg).sum(1)
