@@ -14,6 +14,8 @@ canvases in chunks and never hold a ``[batch x canvas, vocab]`` tensor. Neither 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -54,6 +56,10 @@ class DiffusionGemma(nn.Module):
         self._packed_shapes = frozenset(self.packed_linear_shapes())
         self._inv_freq_on: dict[torch.device, dict[str, torch.Tensor]] = {}  # device copies, made once
         self._embed_scale_values: dict[torch.dtype, float] = {}
+        # the fast path's per-layer forward; FastRunner puts a torch.compile'd one here (one graph per layer type)
+        self.compiled_layer_rows: Callable[..., torch.Tensor] | None = None
+        # built for inference: no autograd graph unless training asks (dgserve.train.forward.enable_training)
+        self.requires_grad_(False)
 
     def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> DiffusionGemma:
         super().to_empty(device=device, recurse=recurse)
@@ -183,8 +189,9 @@ class DiffusionGemma(nn.Module):
             kind = layer.self_attn.layer_type
             cos, sin = rope[kind]
             scalar = torch.where(denoise, layer.layer_scalar, layer.encoder_layer_scalar)
-            x = layer.forward_rows(x, cos, sin, batch.layouts[kind], k_pages[i], v_pages[i], scalar, self.dispatcher,
-                                   i if collective else -1)
+            forward = self.compiled_layer_rows or TransformerLayer.forward_rows
+            x = forward(layer, x, cos, sin, batch.layouts[kind], k_pages[i], v_pages[i], scalar, self.dispatcher,
+                        i if collective else -1)
         return self.norm(x)
 
     def embed_scale_value(self) -> float:
