@@ -189,7 +189,7 @@ def run(a: argparse.Namespace) -> None:
     from ray import serve
 
     from dgserve.cluster.local_ray import LIGHT_ENV
-    from dgserve.deploy.config import DeployConfig
+    from dgserve.config import DeployConfig
     from dgserve.engine.engine import AsyncEngine, Engine
     from dgserve.routing.app import build_app
 

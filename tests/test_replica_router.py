@@ -8,7 +8,7 @@ import asyncio
 import pytest
 from ray.exceptions import RayActorError
 
-from dgserve.deploy.config import DeployConfig
+from dgserve.config import DeployConfig
 from dgserve.engine.request import CanvasEvent, FinalEvent, GenerationRequest, RequestStats
 from dgserve.model.checkpoint import load_metadata
 from dgserve.routing.replica_backend import ReplicaBackend, failover_delay
@@ -83,7 +83,7 @@ class _Script:
 def _backend(script: _Script, **router) -> ReplicaBackend:
     cfg = DeployConfig.from_args({"model": {"path": "tiny-random"},
                                   "router": {"failover_backoff_s": 0.01, **router}})
-    return ReplicaBackend(script, load_metadata("tiny-random"), cfg)
+    return ReplicaBackend(script, load_metadata("tiny-random"), cfg.ingress_slice())
 
 
 def _collect(backend: ReplicaBackend, request: GenerationRequest) -> list:

@@ -23,10 +23,11 @@ class GangMember:
     member_replica_ids: tuple[str, ...]
 
 
-def gang_scheduling_config(world_size: int) -> GangSchedulingConfig:
-    """One EP group = one gang of W replicas, packed on a node, restarted as a whole on any failure."""
+def gang_scheduling_config(world_size: int) -> dict[str, Any]:
+    """One EP group = one gang of W replicas, packed on a node, restarted as a whole on any failure (validated
+    by Ray's ``GangSchedulingConfig``, returned as the plain JSON a Serve config file holds)."""
     return GangSchedulingConfig(gang_size=world_size, gang_placement_strategy=GangPlacementStrategy.PACK,
-                                runtime_failure_policy=GangRuntimeFailurePolicy.RESTART_GANG)
+                                runtime_failure_policy=GangRuntimeFailurePolicy.RESTART_GANG).model_dump(mode="json")
 
 
 def current_gang() -> GangMember:

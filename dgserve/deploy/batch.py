@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
 
-from dgserve.deploy.cli_support import DEFAULT_MODEL
+from dgserve.config import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,8 @@ class BatchJob(BaseModel):
     worker_cpus: float = Field(1.0, gt=0.0)
     worker_gpus: float = Field(0.0, ge=0.0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    kv_cache_bytes: int | None = Field(None, gt=0, description="per worker; default 256 MiB on CPU, "
-                                                               "a share of free GPU memory on GPU")
+    kv_cache_bytes: int | None = Field(None, gt=0, description="per worker; default: the engine's "
+                                                               "(EngineConfig.kv_cache_memory)")
     flush_rows: int = Field(256, ge=1, description="rows per part file")
     flush_seconds: float = Field(10.0, gt=0.0, description="longest wait before results are made durable")
 
@@ -245,9 +245,9 @@ class EngineWorker:
         if self.loaded.tokenizer is None:
             raise RuntimeError(f"{self.job.model}: the checkpoint has no tokenizer.json, so prompts cannot be "
                                "encoded")
-        kv = self.job.kv_cache_bytes or (256 << 20 if device == "cpu" else None)
         self._make_engine = lambda: Engine(self.loaded.model, self.loaded.generation, self.loaded.tokenizer,
-                                           EngineConfig(kv_cache_memory=kv, max_running=min(self.job.batch_size, 256),
+                                           EngineConfig(kv_cache_memory=self.job.kv_cache_bytes,
+                                                        max_running=min(self.job.batch_size, 256),
                                                         max_waiting=max(self.job.batch_size, 1)))
         self.engine = self._make_engine()
         self.sampling = self.loaded.generation.sampling

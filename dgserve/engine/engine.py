@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from dgserve.engine.kv_budget import default_kv_budget
 from dgserve.engine.kv_pages import BlockTable, KVPagePool, PagedKV
 from dgserve.engine.prefix_cache import PrefixCache
 from dgserve.engine.request import (
@@ -49,7 +50,9 @@ log = logging.getLogger(__name__)
 class EngineConfig(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
-    kv_cache_memory: int | None = Field(None, gt=0)  # bytes; None: kv_cache_fraction of free device memory
+    # bytes; None: enough for max_running sequences at full context, at most kv_cache_fraction of the free
+    # device memory (dgserve.engine.kv_budget)
+    kv_cache_memory: int | None = Field(None, gt=0)
     kv_cache_fraction: float = Field(0.5, gt=0.0, le=0.95)
     block_size: int = Field(16, ge=1)
     max_step_tokens: int = Field(8192, ge=1)
@@ -115,7 +118,10 @@ class Engine:
         cfg = model.config
         self.canvas = cfg.canvas_length
         self.vocab = cfg.text.vocab_size
-        budget = self.config.kv_cache_memory or _free_memory_budget(model.device, self.config.kv_cache_fraction)
+        budget = self.config.kv_cache_memory or default_kv_budget(
+            cfg, max_running=self.config.max_running, block_size=self.config.block_size,
+            prefill_chunk=self.config.prefill_chunk, fraction=self.config.kv_cache_fraction, dtype=model.dtype,
+            device=model.device)
         self.pool = KVPagePool.from_budget(cfg, budget, block_size=self.config.block_size, dtype=model.dtype,
                                            device=model.device, max_seqs=self.config.max_running,
                                            max_chunk=self.config.prefill_chunk)
@@ -427,18 +433,6 @@ class Engine:
                 break
             events.extend(self.step())
         return events
-
-
-def _free_memory_budget(device: torch.device, fraction: float) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * fraction)
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        avail = 4 << 30
-    return int(avail * fraction)
 
 
 class AsyncEngine:

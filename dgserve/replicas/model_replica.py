@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
-from dgserve.deploy.config import DeployConfig
+from dgserve.config import ReplicaSlice
 from dgserve.engine.engine import AsyncEngine, Engine
 from dgserve.engine.prefix_cache import block_keys
 from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest
@@ -41,8 +41,8 @@ def resolve_device(device: str) -> torch.device:
 
 
 class ModelReplica:
-    def __init__(self, args: dict) -> None:
-        self.config = DeployConfig.from_args(args)
+    def __init__(self, config: ReplicaSlice) -> None:
+        self.config = config
         device = resolve_device(self.config.model.device)
         started = time.perf_counter()
         loaded = load(self.config.model.path, dtype=self.config.model.dtype, device=device)
@@ -55,12 +55,14 @@ class ModelReplica:
         self.engine = engine
         self.aengine = aengine
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self.capacity = CapacityEstimator(self.config.replicas.capacity_prior_tokens_per_s,
+        self.capacity = CapacityEstimator(self.config.capacity_prior_tokens_per_s,
                                           max_canvases=self.config.engine.max_running)
         self.metrics = _maybe_metrics(self.config.model.model_id)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        key = affinity_key(request.prompt_ids, self.engine.pool.block_size, self.config.router.affinity_prefix_tokens)
+        key = None
+        if self.config.prefix_affinity:
+            key = affinity_key(request.prompt_ids, self.engine.pool.block_size, self.config.affinity_prefix_tokens)
         if key is not None:
             self._recent[key] = None
             self._recent.move_to_end(key)
@@ -116,13 +118,14 @@ class EPModelReplica(ModelReplica):
     treat ranks as replicas: data-parallel attention, each rank its own requests), with the MoE layers
     exchanging tokens with the other ranks of its gang in lockstep."""
 
-    def __init__(self, args: dict) -> None:
+    def __init__(self, config: ReplicaSlice) -> None:
         from dgserve.replicas.ep_rank import EPRankReplica
 
-        self.config = DeployConfig.from_args(args)
-        self.rank = EPRankReplica(self.config.model.path, dtype=self.config.model.dtype,
-                                  placement=self.config.replicas.ep_placement,
-                                  engine_config=self.config.engine.model_dump())
+        self.config = config
+        self.rank = EPRankReplica(config.model.path, dtype=config.model.dtype, placement=config.ep_placement,
+                                  num_redundant=config.ep_num_redundant,
+                                  collective_timeout_s=config.ep_collective_timeout_s,
+                                  engine_config=config.engine.model_dump())
         self._setup(self.rank.engine.engine, self.rank.engine)
 
     def check_health(self) -> None:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
-from dgserve.deploy.config import DeployConfig
+from dgserve.config import IngressSlice
 from dgserve.engine.engine import EngineOverloaded
 from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest, RequestStats
 from dgserve.model.checkpoint import ModelMetadata
@@ -35,7 +35,7 @@ def _cause(exc: BaseException) -> BaseException:
 
 
 class ReplicaBackend:
-    def __init__(self, handle, metadata: ModelMetadata, config: DeployConfig, on_failover=None) -> None:
+    def __init__(self, handle, metadata: ModelMetadata, config: IngressSlice, on_failover=None) -> None:
         self._handle = handle.options(stream=True, method_name="generate")
         self._stats_handle = handle.options(method_name="engine_stats")
         self._meta = metadata
