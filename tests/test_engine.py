@@ -218,16 +218,16 @@ def test_queue_filling_after_the_check_gives_a_typed_overloaded_final(tiny, monk
     """The queue can fill between generate()'s admission check and the worker thread's add_request: the request
     then ends with a FinalEvent flagged ``overloaded`` (backends answer 429 on the flag, not on the message)."""
     from dgserve.engine.engine import EngineOverloaded
+    from dgserve.routing.chat_backend import EngineChatBackend
     from dgserve.routing.ingress_app import OverloadedError
-    from dgserve.routing.local_backend import LocalBackend
 
-    backend = LocalBackend(tiny, EngineConfig(kv_cache_memory=4 << 20))
-    aeng = backend.aengine
+    backend = EngineChatBackend.in_process(tiny, EngineConfig(kv_cache_memory=4 << 20))
+    aeng = backend.client
 
     def full(req: GenerationRequest) -> None:
         raise EngineOverloaded(7)
 
-    monkeypatch.setattr(backend.engine, "add_request", full)  # generate() checks, then the worker finds it full
+    monkeypatch.setattr(aeng.engine, "add_request", full)  # generate() checks, then the worker finds it full
 
     async def main():
         events = [ev async for ev in aeng.generate(_requests(1, seed=6)[0])]

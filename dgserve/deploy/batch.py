@@ -237,6 +237,7 @@ class EngineWorker:
 
         from dgserve.engine.engine import Engine, EngineConfig
         from dgserve.model.checkpoint import load
+        from dgserve.routing.prompts import PromptEncoder
 
         self.job = BatchJob.model_validate(job)
         torch.set_num_threads(max(1, int(self.job.worker_cpus)))
@@ -250,6 +251,7 @@ class EngineWorker:
                                                         max_running=min(self.job.batch_size, 256),
                                                         max_waiting=max(self.job.batch_size, 1)))
         self.engine = self._make_engine()
+        self.prompts = PromptEncoder(self.loaded.config, self.loaded.tokenizer)  # the API's encoding and checks
         self.sampling = self.loaded.generation.sampling
         if self.job.steps is not None:
             self.sampling = self.sampling.model_copy(update={"max_denoising_steps": self.job.steps})
@@ -264,7 +266,8 @@ class EngineWorker:
         return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        from dgserve.engine.request import CanvasEvent, FinalEvent, GenerationRequest
+        from dgserve.engine.request import CanvasEvent, FinalEvent, GenerationRequest, InvalidRequest, PromptTooLong
+        from dgserve.routing.prompts import InvalidPromptError
 
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
         results: dict[str, dict[str, Any]] = {}
@@ -276,22 +279,28 @@ class EngineWorker:
                 continue
             request = json.loads(row["request"])
             try:
-                tok = self.loaded.tokenizer
-                ids = tok.encode_chat(request["messages"]) if "messages" in request else tok.encode(request["prompt"])
+                if "messages" in request:
+                    ids = self.prompts.encode_chat(request["messages"])
+                else:
+                    ids = self.prompts.encode(request["prompt"])
                 max_tokens = request.get("max_tokens", self.job.max_tokens)
                 if len(ids) + max_tokens > self.context:
-                    raise ValueError(f"prompt too long: {len(ids)} prompt tokens + max_tokens {max_tokens} > the "
-                                     f"model's context of {self.context}")
+                    raise PromptTooLong(f"{len(ids)} prompt tokens + max_tokens {max_tokens} > the model's context "
+                                        f"of {self.context}")
                 seed = request.get("seed")
                 if seed is None and self.job.seed is not None:
                     seed = derive_seed(self.job.seed, row["key"])
                 self.engine.add_request(GenerationRequest(prompt_ids=ids, max_tokens=max_tokens, seed=seed,
                                                           sampling=self.sampling, request_id=rid))
-            except Exception as exc:  # a bad row must not fail its batch-mates
-                message = str(exc)
-                if "cannot fit in the KV cache" in message:
-                    message = f"prompt too long: {message}"
-                results[rid] = {"error": message}
+            except PromptTooLong as exc:
+                results[rid] = {"error": f"prompt too long: {exc}"}
+                continue
+            except (InvalidPromptError, InvalidRequest) as exc:
+                results[rid] = {"error": str(exc)}
+                continue
+            except Exception as exc:  # a bug, not the row's fault; still, it must not fail its batch-mates
+                log.exception("row %s could not be submitted", row["key"])
+                results[rid] = {"error": f"internal error: {type(exc).__name__}: {exc}"}
                 continue
             texts[rid] = []
         try:

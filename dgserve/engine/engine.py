@@ -30,10 +30,13 @@ from dgserve.engine.prefix_cache import PrefixCache
 from dgserve.engine.request import (
     CanvasEvent,
     DraftEvent,
+    EngineOverloaded,
     Event,
     FinalEvent,
     FinishReason,
     GenerationRequest,
+    InvalidRequest,
+    PromptTooLong,
     RequestStats,
 )
 from dgserve.engine.sampler import StabilityTracker, denoise_step, first_eos, random_canvas
@@ -64,12 +67,6 @@ class EngineConfig(BaseModel):
     # the forward runs, up to this many bytes in flight (0: off); same random stream, same tokens
     # (dgserve.engine.sampling_noise). A fixed bound: peak memory still does not grow with batch x vocab.
     sampling_noise_prefetch_bytes: int = Field(64 << 20, ge=0)
-
-
-class EngineOverloaded(RuntimeError):
-    def __init__(self, waiting: int) -> None:
-        super().__init__(f"engine queue is full ({waiting} waiting)")
-        self.waiting = waiting
 
 
 @dataclass
@@ -148,16 +145,16 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------------
     def check_request(self, req: GenerationRequest) -> None:
-        """Raise ValueError (bad request) or EngineOverloaded (queue full); reads state only."""
+        """Raise InvalidRequest / PromptTooLong (bad request) or EngineOverloaded (queue full); reads state only."""
         if not req.prompt_ids:
-            raise ValueError("the prompt must contain at least one token")
+            raise InvalidRequest("the prompt must contain at least one token")
         if req.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
+            raise InvalidRequest("max_tokens must be at least 1")
         if any(not 0 <= t < self.vocab for t in req.prompt_ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab})")
+            raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab})")
         need = self.pool.blocks_needed(len(req.prompt_ids) + len(req.committed_ids) + self.canvas).full
         if need > self.pool.num_blocks("full"):
-            raise ValueError(f"prompt of {len(req.prompt_ids)} tokens cannot fit in the KV cache "
+            raise PromptTooLong(f"prompt of {len(req.prompt_ids)} tokens cannot fit in the KV cache "
                              f"({self.pool.token_capacity()} tokens)")
         if len(self.waiting) >= self.config.max_waiting:
             raise EngineOverloaded(len(self.waiting))
@@ -165,7 +162,7 @@ class Engine:
     def add_request(self, req: GenerationRequest) -> None:
         self.check_request(req)
         if req.request_id in self.running or any(s.req.request_id == req.request_id for s in self.waiting):
-            raise ValueError(f"duplicate request id {req.request_id!r}")
+            raise InvalidRequest(f"duplicate request id {req.request_id!r}")
         gen = make_generator(req.seed, self.model.device)
         if req.rng_state is not None:
             gen.set_state(torch.frombuffer(bytearray(req.rng_state), dtype=torch.uint8))
@@ -516,6 +513,13 @@ class AsyncEngine:
 
     def stats(self) -> dict[str, float | int]:
         return self.engine.stats()  # plain reads; a step running concurrently makes them at most one step stale
+
+    def alive(self) -> bool:
+        """Whether the worker thread is running (a replica whose worker died must be restarted)."""
+        return self._thread.is_alive()
+
+    async def ready(self) -> bool:
+        return self.alive()
 
     def shutdown(self) -> None:
         self._stopped = True

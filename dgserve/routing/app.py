@@ -17,8 +17,8 @@ from dgserve.replicas.metrics import ReplicaMetrics
 from dgserve.replicas.model_replica import EPModelReplica, ModelReplica
 from dgserve.routing.auth import APIKeyMiddleware, APIKeyStore, serve_key_counter
 from dgserve.routing.autoscaling import autoscaling_config
+from dgserve.routing.chat_backend import EngineChatBackend
 from dgserve.routing.ingress_app import build_fastapi_app
-from dgserve.routing.replica_backend import ReplicaBackend
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ class Ingress:
         self.config = config
         self.metadata = load_metadata(self.config.model.path)
         self.metrics = ReplicaMetrics(self.config.model.model_id)
-        self.backend = ReplicaBackend(replica_handle, self.metadata, self.config, on_failover=self.metrics.on_failover)
+        self.backend = EngineChatBackend.over_serve(replica_handle, self.metadata, config,
+                                                    on_failover=self.metrics.on_failover)
         self.keys = APIKeyStore.from_settings(self.config.auth)  # APIKeyError: a bad key file fails the deploy
         if self.keys is not None:
             log.info("API keys required on /v1: %s", ", ".join(self.keys.names))

@@ -43,6 +43,7 @@ from dgserve.routing.openai_protocol import (
     PromptTokensDetails,
     Usage,
 )
+from dgserve.routing.prompts import InvalidPromptError
 from dgserve.routing.replies import ChatReply, CompletionReply, Reply
 from dgserve.routing.sse import (
     CLEANUP_TIMEOUT_S,
@@ -63,11 +64,6 @@ class OverloadedError(Exception):
     def __init__(self, retry_after: float = 1.0, message: str = "The server is overloaded; retry later.") -> None:
         super().__init__(message)
         self.retry_after = retry_after
-
-
-class InvalidPromptError(ValueError):
-    """A prompt the backend refuses (token ids out of range, a conversation the chat template rejects).
-    The ingress answers any ValueError from tokenization with a 400; this one names the intent."""
 
 
 class ChatBackend(Protocol):
