@@ -190,7 +190,8 @@ def run(a: argparse.Namespace) -> None:
 
     from dgserve.cluster.local_ray import LIGHT_ENV
     from dgserve.config import DeployConfig
-    from dgserve.engine.engine import AsyncEngine, Engine
+    from dgserve.engine.engine import Engine
+    from dgserve.engine.loop import AsyncEngine
     from dgserve.routing.app import build_app
 
     sampling = SamplingParams(max_denoising_steps=a.steps)

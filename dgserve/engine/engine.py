@@ -3,22 +3,16 @@
 Every ``step()`` runs ONE packed forward holding canvases of many requests, each at its own denoising
 step, plus prefill chunks and commits of finished canvases; requests are admitted and retired at
 every step. KV lives in a paged pool with a prefix cache; sampling uses each request's own generator,
-so a seeded request's tokens do not depend on its batch-mates. ``AsyncEngine`` drives ``step()`` from a
-worker thread and streams events to asyncio consumers.
+so a seeded request's tokens do not depend on its batch-mates. ``dgserve.engine.loop.AsyncEngine`` drives
+``step()`` from a worker thread and streams events to asyncio consumers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
-import contextlib
-import itertools
 import logging
-import queue
-import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
@@ -189,6 +183,12 @@ class Engine:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def fail_all(self, error: str) -> list[FinalEvent]:
+        """End every waiting and running request with an error event and free its pages (after a failed step)."""
+        seqs = [*self.running.values(), *self.waiting]
+        self.waiting.clear()
+        return [self._finish(s, "error", error) for s in seqs]
 
     # -- one step ---------------------------------------------------------------------------------
     def plan(self) -> StepPlan:
@@ -430,98 +430,3 @@ class Engine:
                 break
             events.extend(self.step())
         return events
-
-
-class AsyncEngine:
-    """Runs ``Engine.step()`` on a worker thread; ``generate()`` streams one request's events.
-
-    The asyncio side never waits for a step: requests and cancellations go through a thread-safe inbox
-    that the worker drains between steps.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._inbox: queue.SimpleQueue[tuple[str, GenerationRequest | str]] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Event]]] = {}
-        self._stopped = False
-        self._counter = itertools.count(1)
-        self._thread = threading.Thread(target=self._loop, name="dgserve-engine", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stopped:
-            events: list[Event] = []
-            while True:
-                try:
-                    kind, item = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if kind == "add":
-                    assert isinstance(item, GenerationRequest)
-                    try:
-                        self.engine.add_request(item)
-                    except (ValueError, EngineOverloaded) as exc:
-                        events.append(FinalEvent(item.request_id, "error", RequestStats(), str(exc),
-                                                 overloaded=isinstance(exc, EngineOverloaded)))
-                else:
-                    events.extend(self.engine.cancel(str(item)))
-            if self.engine.has_work():
-                try:
-                    events.extend(self.engine.step())
-                except Exception as exc:  # a failed step must not hang every request: fail them all
-                    log.exception("engine step failed")
-                    seqs = [*self.engine.running.values(), *self.engine.waiting]
-                    events.extend(self.engine._finish(s, "error", f"engine step failed: {exc}") for s in seqs)
-                    self.engine.waiting.clear()
-            elif not events:
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-            for ev in events:
-                self._deliver(ev)
-
-    def _deliver(self, ev: Event) -> None:
-        target = self._queues.get(ev.request_id)
-        if target is not None:
-            loop, q = target
-            with contextlib.suppress(RuntimeError):  # the consumer's loop may be closed
-                loop.call_soon_threadsafe(q.put_nowait, ev)
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        """Raises ValueError / EngineOverloaded before the first event; then yields events to a FinalEvent."""
-        if not request.request_id:
-            request.request_id = f"req-{next(self._counter)}"
-        self.engine.check_request(request)
-        q: asyncio.Queue[Event] = asyncio.Queue()
-        rid = request.request_id
-        self._queues[rid] = (asyncio.get_running_loop(), q)
-        finished = False
-        try:
-            self._inbox.put(("add", request))
-            self._wake.set()
-            while True:
-                ev = await q.get()
-                yield ev
-                if isinstance(ev, FinalEvent):
-                    finished = True
-                    return
-        finally:
-            self._queues.pop(rid, None)
-            if not finished:
-                self._inbox.put(("cancel", rid))
-                self._wake.set()
-
-    def stats(self) -> dict[str, float | int]:
-        return self.engine.stats()  # plain reads; a step running concurrently makes them at most one step stale
-
-    def alive(self) -> bool:
-        """Whether the worker thread is running (a replica whose worker died must be restarted)."""
-        return self._thread.is_alive()
-
-    async def ready(self) -> bool:
-        return self.alive()
-
-    def shutdown(self) -> None:
-        self._stopped = True
-        self._wake.set()
-        self._thread.join(timeout=10)

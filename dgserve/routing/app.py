@@ -13,8 +13,9 @@ from ray import serve
 from dgserve.cluster.gang import gang_scheduling_config
 from dgserve.config import DeployConfig, IngressSlice
 from dgserve.model.checkpoint import load_metadata
+from dgserve.replicas.ep_rank import EPModelReplica
 from dgserve.replicas.metrics import ReplicaMetrics
-from dgserve.replicas.model_replica import EPModelReplica, ModelReplica
+from dgserve.replicas.model_replica import ModelReplica
 from dgserve.routing.auth import APIKeyMiddleware, APIKeyStore, serve_key_counter
 from dgserve.routing.autoscaling import autoscaling_config
 from dgserve.routing.chat_backend import EngineChatBackend
@@ -100,12 +101,16 @@ def deployment_options(config: DeployConfig) -> dict[str, dict[str, Any]]:
     return {INGRESS_DEPLOYMENT: ingress, MODEL_DEPLOYMENT: model}
 
 
-def build_app(config: DeployConfig) -> serve.Application:
-    opts = deployment_options(config)
+def replica_deployment(config: DeployConfig) -> serve.Deployment:
+    """The model deployment (EP ranks when ``ep_size > 1``), with its options; bind it with
+    ``config.replica_slice()``. ``build_app`` puts the ingress in front of it; tests deploy it alone."""
     replica_class = EPModelReplica if config.replicas.ep_size > 1 else ModelReplica
-    replica = serve.deployment(replica_class, name=MODEL_DEPLOYMENT, **opts[MODEL_DEPLOYMENT])
-    ingress = serve.deployment(Ingress, name=INGRESS_DEPLOYMENT, **opts[INGRESS_DEPLOYMENT])
-    return ingress.bind(replica.bind(config.replica_slice()), config.ingress_slice())
+    return serve.deployment(replica_class, name=MODEL_DEPLOYMENT, **deployment_options(config)[MODEL_DEPLOYMENT])
+
+
+def build_app(config: DeployConfig) -> serve.Application:
+    ingress = serve.deployment(Ingress, name=INGRESS_DEPLOYMENT, **deployment_options(config)[INGRESS_DEPLOYMENT])
+    return ingress.bind(replica_deployment(config).bind(config.replica_slice()), config.ingress_slice())
 
 
 def app_builder(args: dict) -> serve.Application:

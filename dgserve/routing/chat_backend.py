@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 from dgserve.config import IngressSlice
-from dgserve.engine.engine import AsyncEngine, Engine, EngineConfig
+from dgserve.engine.engine import Engine, EngineConfig
+from dgserve.engine.loop import AsyncEngine
 from dgserve.engine.request import (
     CanvasEvent,
     EngineOverloaded,
