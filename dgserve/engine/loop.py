@@ -25,6 +25,7 @@ from dgserve.engine.request import EngineOverloaded, Event, FinalEvent, Generati
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.5  # an idle worker wakes at once for new work; this only bounds how stale stats() gets
+STALLED_POLL_S = 0.01  # how often a worker whose step found nothing to run tries again without news
 
 
 class StepBarrier(Protocol):
@@ -184,7 +185,12 @@ class AsyncEngine:
                 if not self.engine.has_work():
                     self._idle()
                     continue
+                forwards = self.engine.forwards
                 events = self._step_recovering()
+                if self.engine.forwards == forwards and not events:
+                    # nothing could run (the queue waits for memory): wait for news instead of spinning
+                    self._wake.wait(STALLED_POLL_S)
+                    self._wake.clear()
             else:
                 go, stop = self.barrier.agree(self.engine.has_work(), self._stopping)
                 if stop:
