@@ -3,22 +3,16 @@
 Every ``step()`` runs ONE packed forward holding canvases of many requests, each at its own denoising
 step, plus prefill chunks and commits of finished canvases; requests are admitted and retired at
 every step. KV lives in a paged pool with a prefix cache; sampling uses each request's own generator,
-so a seeded request's tokens do not depend on its batch-mates. ``AsyncEngine`` drives ``step()`` from a
-worker thread and streams events to asyncio consumers.
+so a seeded request's tokens do not depend on its batch-mates. ``dgserve.engine.loop.AsyncEngine`` drives
+``step()`` from a worker thread and streams events to asyncio consumers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
-import contextlib
-import itertools
 import logging
-import queue
-import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,15 +20,19 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from dgserve.engine import fast_step
+from dgserve.engine.kv_budget import default_kv_budget
 from dgserve.engine.kv_pages import BlockTable, KVPagePool, PagedKV
 from dgserve.engine.prefix_cache import PrefixCache
 from dgserve.engine.request import (
     CanvasEvent,
     DraftEvent,
+    EngineOverloaded,
     Event,
     FinalEvent,
     FinishReason,
     GenerationRequest,
+    InvalidRequest,
+    PromptTooLong,
     RequestStats,
 )
 from dgserve.engine.runner import FastRunner, Row
@@ -52,7 +50,9 @@ log = logging.getLogger(__name__)
 class EngineConfig(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
-    kv_cache_memory: int | None = Field(None, gt=0)  # bytes; None: kv_cache_fraction of free device memory
+    # bytes; None: enough for max_running sequences at full context, at most kv_cache_fraction of the free
+    # device memory (dgserve.engine.kv_budget)
+    kv_cache_memory: int | None = Field(None, gt=0)
     kv_cache_fraction: float = Field(0.5, gt=0.0, le=0.95)
     block_size: int = Field(16, ge=1)
     max_step_tokens: int = Field(8192, ge=1)
@@ -73,12 +73,6 @@ class EngineConfig(BaseModel):
     compile_backend: str = "inductor"
     # fast mode on CUDA: capture each step bucket in a CUDA graph (None: on)
     cuda_graphs: bool | None = None
-
-
-class EngineOverloaded(RuntimeError):
-    def __init__(self, waiting: int) -> None:
-        super().__init__(f"engine queue is full ({waiting} waiting)")
-        self.waiting = waiting
 
 
 @dataclass
@@ -133,7 +127,10 @@ class Engine:
         fast = self.execution == "fast"
         # fast mode runs every piece of work as a row of at most one canvas: prompts prefill canvas by canvas
         self.prefill_chunk = min(self.config.prefill_chunk, self.canvas) if fast else self.config.prefill_chunk
-        budget = self.config.kv_cache_memory or _free_memory_budget(model.device, self.config.kv_cache_fraction)
+        budget = self.config.kv_cache_memory or default_kv_budget(
+            cfg, max_running=self.config.max_running, block_size=self.config.block_size,
+            prefill_chunk=self.prefill_chunk, fraction=self.config.kv_cache_fraction, dtype=model.dtype,
+            device=model.device)
         self.pool = KVPagePool.from_budget(cfg, budget, block_size=self.config.block_size, dtype=model.dtype,
                                            device=model.device, max_seqs=self.config.max_running,
                                            max_chunk=self.prefill_chunk, scratch_tokens=self.canvas if fast else 0)
@@ -167,16 +164,16 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------------
     def check_request(self, req: GenerationRequest) -> None:
-        """Raise ValueError (bad request) or EngineOverloaded (queue full); reads state only."""
+        """Raise InvalidRequest / PromptTooLong (bad request) or EngineOverloaded (queue full); reads state only."""
         if not req.prompt_ids:
-            raise ValueError("the prompt must contain at least one token")
+            raise InvalidRequest("the prompt must contain at least one token")
         if req.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
+            raise InvalidRequest("max_tokens must be at least 1")
         if any(not 0 <= t < self.vocab for t in req.prompt_ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab})")
+            raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab})")
         need = self.pool.blocks_needed(len(req.prompt_ids) + len(req.committed_ids) + self.canvas).full
         if need > self.pool.num_blocks("full"):
-            raise ValueError(f"prompt of {len(req.prompt_ids)} tokens cannot fit in the KV cache "
+            raise PromptTooLong(f"prompt of {len(req.prompt_ids)} tokens cannot fit in the KV cache "
                              f"({self.pool.token_capacity()} tokens)")
         if len(self.waiting) >= self.config.max_waiting:
             raise EngineOverloaded(len(self.waiting))
@@ -184,7 +181,7 @@ class Engine:
     def add_request(self, req: GenerationRequest) -> None:
         self.check_request(req)
         if req.request_id in self.running or any(s.req.request_id == req.request_id for s in self.waiting):
-            raise ValueError(f"duplicate request id {req.request_id!r}")
+            raise InvalidRequest(f"duplicate request id {req.request_id!r}")
         gen = make_generator(req.seed, self.model.device)
         seed = continued_fast_seed(req)
         if req.rng_state is not None and seed is None:
@@ -215,6 +212,12 @@ class Engine:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def fail_all(self, error: str) -> list[FinalEvent]:
+        """End every waiting and running request with an error event and free its pages (after a failed step)."""
+        seqs = [*self.running.values(), *self.waiting]
+        self.waiting.clear()
+        return [self._finish(s, "error", error) for s in seqs]
 
     # -- one step ---------------------------------------------------------------------------------
     def plan(self) -> StepPlan:
@@ -538,102 +541,3 @@ def continued_fast_seed(req: GenerationRequest) -> int | None:
         return int.from_bytes(req.rng_state[len(FAST_RNG_TAG):], "little")
     return None
 
-
-def _free_memory_budget(device: torch.device, fraction: float) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * fraction)
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        avail = 4 << 30
-    return int(avail * fraction)
-
-
-class AsyncEngine:
-    """Runs ``Engine.step()`` on a worker thread; ``generate()`` streams one request's events.
-
-    The asyncio side never waits for a step: requests and cancellations go through a thread-safe inbox
-    that the worker drains between steps.
-    """
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._inbox: queue.SimpleQueue[tuple[str, GenerationRequest | str]] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Event]]] = {}
-        self._stopped = False
-        self._counter = itertools.count(1)
-        self._thread = threading.Thread(target=self._loop, name="dgserve-engine", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stopped:
-            events: list[Event] = []
-            while True:
-                try:
-                    kind, item = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if kind == "add":
-                    assert isinstance(item, GenerationRequest)
-                    try:
-                        self.engine.add_request(item)
-                    except (ValueError, EngineOverloaded) as exc:
-                        events.append(FinalEvent(item.request_id, "error", RequestStats(), str(exc),
-                                                 overloaded=isinstance(exc, EngineOverloaded)))
-                else:
-                    events.extend(self.engine.cancel(str(item)))
-            if self.engine.has_work():
-                try:
-                    events.extend(self.engine.step())
-                except Exception as exc:  # a failed step must not hang every request: fail them all
-                    log.exception("engine step failed")
-                    seqs = [*self.engine.running.values(), *self.engine.waiting]
-                    events.extend(self.engine._finish(s, "error", f"engine step failed: {exc}") for s in seqs)
-                    self.engine.waiting.clear()
-            elif not events:
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-            for ev in events:
-                self._deliver(ev)
-
-    def _deliver(self, ev: Event) -> None:
-        target = self._queues.get(ev.request_id)
-        if target is not None:
-            loop, q = target
-            with contextlib.suppress(RuntimeError):  # the consumer's loop may be closed
-                loop.call_soon_threadsafe(q.put_nowait, ev)
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        """Raises ValueError / EngineOverloaded before the first event; then yields events to a FinalEvent."""
-        if not request.request_id:
-            request.request_id = f"req-{next(self._counter)}"
-        self.engine.check_request(request)
-        q: asyncio.Queue[Event] = asyncio.Queue()
-        rid = request.request_id
-        self._queues[rid] = (asyncio.get_running_loop(), q)
-        finished = False
-        try:
-            self._inbox.put(("add", request))
-            self._wake.set()
-            while True:
-                ev = await q.get()
-                yield ev
-                if isinstance(ev, FinalEvent):
-                    finished = True
-                    return
-        finally:
-            self._queues.pop(rid, None)
-            if not finished:
-                self._inbox.put(("cancel", rid))
-                self._wake.set()
-
-    def stats(self) -> dict[str, float | int]:
-        return self.engine.stats()  # plain reads; a step running concurrently makes them at most one step stale
-
-    def shutdown(self) -> None:
-        self._stopped = True
-        self._wake.set()
-        self._thread.join(timeout=10)

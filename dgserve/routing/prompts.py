@@ -1,4 +1,4 @@
-"""Turning an API prompt into checked token ids: shared by the in-process and the Ray Serve backends."""
+"""Turning a prompt or a chat into checked token ids: shared by the ingress's backend and the batch jobs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ from typing import Any
 
 from dgserve.model.config import ModelConfig
 from dgserve.model.tokenizer import TokenizerError, check_no_image_tokens
-from dgserve.routing.ingress_app import InvalidPromptError
+
+
+class InvalidPromptError(ValueError):
+    """A prompt the model side refuses (token ids out of range, image placeholders, a conversation the chat
+    template rejects, a prompt too long for the KV cache): the ingress answers it with a 400."""
 
 
 class PromptEncoder:
