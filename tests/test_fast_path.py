@@ -105,7 +105,7 @@ def test_counter_rng_is_exact_and_uniform():
     seeds = torch.arange(4)
     keys = stream_keys(seeds, torch.zeros(4), torch.zeros(4), torch.zeros(4), 2)
     u = uniforms(keys, 4096)
-    assert 0 < float(u.min()) and float(u.max()) < 1
+    assert float(u.min()) > 0 and float(u.max()) < 1
     assert abs(float(u.mean()) - 0.5) < 0.01
     r = randint(keys, 4096, 10)
     counts = torch.bincount(r.reshape(-1), minlength=10)
@@ -145,8 +145,9 @@ def _requests(vocab: int, n: int, seed: int = 0, system: list[int] | None = None
     for i in range(n):
         plen = int(torch.randint(3, max_prompt, (1,), generator=g))
         prompt = [*(system or []), *torch.randint(6, vocab, (plen,), generator=g).tolist()]
-        out.append(GenerationRequest(prompt_ids=prompt, max_tokens=int(torch.randint(10, max_tokens, (1,), generator=g)),
-                                     seed=1000 + i, sampling=SAMPLING, request_id=f"r{i}", ignore_eos=True))
+        n_out = int(torch.randint(10, max_tokens, (1,), generator=g))
+        out.append(GenerationRequest(prompt_ids=prompt, max_tokens=n_out, seed=1000 + i, sampling=SAMPLING,
+                                     request_id=f"r{i}", ignore_eos=True))
     return out
 
 
