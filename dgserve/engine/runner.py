@@ -25,6 +25,7 @@ from dgserve.engine.kv_pages import BlockTable, KVPagePool
 from dgserve.model.diffusion_gemma import DiffusionGemma
 from dgserve.model.generation_config import SamplingParams
 from dgserve.model.layers import TransformerLayer
+from dgserve.model.moe import grouped_mm_supported
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,12 @@ class FastRunner:
         self.algorithm = EntropyBound()
         self.scratch = {"full": pool.scratch_slot("full"), "sliding": pool.scratch_slot("sliding")}
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not model.dispatcher.collective
+        experts = model.layers[0].experts
+        probe = torch.empty(0, model.config.text.hidden_size, dtype=model.dtype, device=self.device)
+        if self.cuda_graphs and not grouped_mm_supported(probe, experts):
+            log.warning("CUDA graphs off: the grouped expert kernel does not run %s on this device, and the "
+                        "per-expert fallback reads expert counts on the host", model.dtype)
+            self.cuda_graphs = False
         if compile and not model.dispatcher.collective:
             # one graph per (layer type, row bucket, context bucket): more than dynamo's default of 8 per function
             graphs = len(set(model.config.text.layer_types)) * len(self.row_buckets) * MAX_CONTEXT_BUCKETS
