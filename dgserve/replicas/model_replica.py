@@ -19,7 +19,7 @@ import torch
 from dgserve.config import ReplicaSlice
 from dgserve.engine.engine import Engine
 from dgserve.engine.loop import AsyncEngine
-from dgserve.engine.prefix_cache import block_keys
+from dgserve.engine.prefix_keys import affinity_key
 from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest
 from dgserve.model.checkpoint import load
 from dgserve.replicas.capacity import CapacityEstimator
@@ -28,12 +28,6 @@ log = logging.getLogger(__name__)
 
 # Prompt prefixes this replica served recently, reported for the router's prefix affinity.
 RECENT_PREFIXES = 512
-
-
-def affinity_key(prompt_ids: list[int], block_size: int, max_tokens: int) -> str | None:
-    """The prefix-cache key of the last complete block within the first ``max_tokens`` prompt tokens."""
-    keys = block_keys(prompt_ids[:max_tokens], block_size)
-    return keys[-1].hex() if keys else None
 
 
 def resolve_device(device: str) -> torch.device:
