@@ -8,6 +8,7 @@ the subclass ``dgserve.replicas.ep_rank.EPModelReplica``.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import os
@@ -98,6 +99,11 @@ class ModelReplica:
 
     def engine_stats(self) -> dict:
         return self.loop.stats()
+
+    async def drain(self, timeout_s: float = 60.0) -> bool:
+        """Wait until every request sent here so far has finished or been cancelled, its pages freed (False if
+        ``timeout_s`` passed first); ``engine_stats`` is current afterwards."""
+        return await asyncio.to_thread(self.loop.drain, timeout_s)
 
     def process_stats(self) -> dict:
         """This replica's process id and resident memory (bytes; 0 where /proc is unavailable)."""
