@@ -82,7 +82,8 @@ def test_batch_invariance_staggered(tiny):
     assert flips == 0
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+# two threads on a busy 2-core machine take a minute (the threads contend): the slow lane
+@pytest.mark.parametrize("threads", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_batch_invariance_is_bitwise_without_chunking(tiny, threads):
     """Prompts prefilled whole (as the reference and ``generate_single`` do), among them prompts of 1-3 and
     5-11 tokens that BLAS rounds differently when packed: every step's logits of every request are bit for

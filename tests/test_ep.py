@@ -419,6 +419,7 @@ def _check_group(results: list[dict], world: int, exact: bool = False) -> None:
         assert results[0]["engine"]["engine_imbalance"] is not None
 
 
+@pytest.mark.slow  # W spawned processes, each importing torch and loading the model
 def test_ep2_gloo_matches_single_process_and_fails_cleanly(tiny_ckpt, tmp_path):
     results = run_group(2, tiny_ckpt, tmp_path, scenarios="engine,failure")
     _check_group(results, 2, exact=True)
@@ -433,6 +434,7 @@ def test_ep2_gloo_matches_single_process_and_fails_cleanly(tiny_ckpt, tmp_path):
     assert results[0]["late_final"] == ["error", True, 1]
 
 
+@pytest.mark.slow  # W spawned processes, each importing torch and loading the model
 def test_ep4_gloo_matches_single_process(tiny_ckpt, tmp_path):
     results = run_group(4, tiny_ckpt, tmp_path)
     _check_group(results, 4, exact=True)

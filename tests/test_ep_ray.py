@@ -17,6 +17,7 @@ import torch
 from dgserve.engine.request import CanvasEvent, FinalEvent, GenerationRequest
 from dgserve.model.generation_config import SamplingParams
 
+pytestmark = pytest.mark.slow  # gang-scheduled Serve deployments on the session's Ray
 log = logging.getLogger(__name__)
 SAMPLING = SamplingParams(max_denoising_steps=5)
 
