@@ -14,10 +14,12 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from dgserve.engine import fast_step
 from dgserve.engine.kv_budget import default_kv_budget
 from dgserve.engine.kv_pages import BlockTable, KVPagePool, PagedKV
 from dgserve.engine.prefix_cache import PrefixCache
@@ -33,9 +35,10 @@ from dgserve.engine.request import (
     PromptTooLong,
     RequestStats,
 )
+from dgserve.engine.runner import FastRunner, Row
 from dgserve.engine.sampler import StabilityTracker, denoise_step, first_eos, random_canvas
 from dgserve.engine.sampling_noise import NoisePrefetcher
-from dgserve.engine.scheduler import SchedulerLimits, SeqView, StepPlan, schedule
+from dgserve.engine.scheduler import SchedulerLimits, SeqView, StepPlan, Work, schedule
 from dgserve.engine.single import make_generator
 from dgserve.model.checkpoint import GenerationDefaults
 from dgserve.model.diffusion_gemma import DiffusionGemma
@@ -61,6 +64,15 @@ class EngineConfig(BaseModel):
     # the forward runs, up to this many bytes in flight (0: off); same random stream, same tokens
     # (dgserve.engine.sampling_noise). A fixed bound: peak memory still does not grow with batch x vocab.
     sampling_noise_prefetch_bytes: int = Field(64 << 20, ge=0)
+    # "exact": bit-identical to the reference on CPU fp32 and batch-invariant (the oracle); "fast": static-shape
+    # rows, one attention call per layer, no host syncs, counter-based sampling (see README); "auto": fast on
+    # CUDA, exact elsewhere
+    execution: Literal["auto", "exact", "fast"] = "auto"
+    # fast mode: torch.compile each layer type's forward (None: on CUDA only) with this backend
+    compile: bool | None = None
+    compile_backend: str = "inductor"
+    # fast mode on CUDA: capture each step bucket in a CUDA graph (None: on)
+    cuda_graphs: bool | None = None
 
 
 @dataclass
@@ -88,6 +100,8 @@ class _Seq:
     decoder: object | None = None
     prompt_len: int = 0
     noise: concurrent.futures.Future | None = None  # the next step's sampling noise, being drawn from gen
+    seed: int = 0  # fast mode: the counter-based randomness' seed
+    canvas_started: bool = False  # fast mode: the current canvas has taken at least one step
 
     def next_boundary(self, chunk: int, canvas: int) -> int:
         """End of the next prefill chunk. Boundaries are fixed: the prompt in ``chunk``-sized pieces from
@@ -109,18 +123,22 @@ class Engine:
         cfg = model.config
         self.canvas = cfg.canvas_length
         self.vocab = cfg.text.vocab_size
+        self.execution = resolve_execution(self.config.execution, model.device)
+        fast = self.execution == "fast"
+        # fast mode runs every piece of work as a row of at most one canvas: prompts prefill canvas by canvas
+        self.prefill_chunk = min(self.config.prefill_chunk, self.canvas) if fast else self.config.prefill_chunk
         budget = self.config.kv_cache_memory or default_kv_budget(
             cfg, max_running=self.config.max_running, block_size=self.config.block_size,
-            prefill_chunk=self.config.prefill_chunk, fraction=self.config.kv_cache_fraction, dtype=model.dtype,
+            prefill_chunk=self.prefill_chunk, fraction=self.config.kv_cache_fraction, dtype=model.dtype,
             device=model.device)
         self.pool = KVPagePool.from_budget(cfg, budget, block_size=self.config.block_size, dtype=model.dtype,
                                            device=model.device, max_seqs=self.config.max_running,
-                                           max_chunk=self.config.prefill_chunk)
+                                           max_chunk=self.prefill_chunk, scratch_tokens=self.canvas if fast else 0)
         self.prefix_cache = PrefixCache(self.pool) if self.config.enable_prefix_cache else None
         self.limits = SchedulerLimits(max_step_tokens=max(self.config.max_step_tokens, self.canvas,
-                                                          self.config.prefill_chunk),
+                                                          self.prefill_chunk),
                                       max_running=self.config.max_running, canvas=self.canvas,
-                                      prefill_chunk=self.config.prefill_chunk)
+                                      prefill_chunk=self.prefill_chunk)
         self.waiting: deque[_Seq] = deque()
         self.running: dict[str, _Seq] = {}
         self._arrivals = 0
@@ -135,7 +153,14 @@ class Engine:
         # test/diagnostic hook: called with (request_id, step, final hidden states [C, H]) of every denoise
         self.on_denoise = None
         prefetch = self.config.sampling_noise_prefetch_bytes
-        self._noise = NoisePrefetcher(prefetch) if prefetch and model.device.type == "cpu" else None
+        self._noise = NoisePrefetcher(prefetch) if prefetch and model.device.type == "cpu" and not fast else None
+        self.runner: FastRunner | None = None
+        if fast:
+            on_cuda = model.device.type == "cuda"
+            compile_layers = self.config.compile if self.config.compile is not None else on_cuda
+            graphs = self.config.cuda_graphs if self.config.cuda_graphs is not None else on_cuda
+            self.runner = FastRunner(model, self.pool, len(self._free_slots), compile=compile_layers,
+                                     compile_backend=self.config.compile_backend, cuda_graphs=graphs)
 
     # -- requests ---------------------------------------------------------------------------------
     def check_request(self, req: GenerationRequest) -> None:
@@ -158,11 +183,15 @@ class Engine:
         if req.request_id in self.running or any(s.req.request_id == req.request_id for s in self.waiting):
             raise InvalidRequest(f"duplicate request id {req.request_id!r}")
         gen = make_generator(req.seed, self.model.device)
-        if req.rng_state is not None:
+        seed = continued_fast_seed(req)
+        if req.rng_state is not None and seed is None:
             gen.set_state(torch.frombuffer(bytearray(req.rng_state), dtype=torch.uint8))
+        if seed is None:
+            seed = req.seed
         seq = _Seq(req=req, arrival=self._arrivals, slot=-1, tokens=[*req.prompt_ids, *req.committed_ids],
                    gen=gen, stats=RequestStats(prompt_tokens=len(req.prompt_ids)), started=time.perf_counter(),
-                   prompt_len=len(req.prompt_ids))
+                   prompt_len=len(req.prompt_ids),
+                   seed=seed if seed is not None else int(torch.randint(0, 1 << 62, (1,), generator=gen)))
         if self.tokenizer is not None:
             seq.decoder = self.tokenizer.incremental_decoder()
             # failover: the text of these tokens was already streamed; prime the decoder canvas by canvas so
@@ -217,13 +246,24 @@ class Engine:
         if not ready:
             self.step_index += 1
             return events
-        tokens, segments, softs, seqs = [], [], [], []
+        seqs = [(w, self.running[w.request_id]) for w in ready]
+        with torch.inference_mode():
+            if self.runner is not None:
+                events.extend(self._forward_fast(seqs))
+            else:
+                events.extend(self._forward_exact(seqs))
+        self.step_index += 1
+        return events
+
+    def _forward_exact(self, seqs: list[tuple[Work, _Seq]]) -> list[Event]:
+        """One packed forward over variable-length segments, then each canvas sampled on its own generator."""
+        events: list[Event] = []
+        tokens, segments, softs = [], [], []
         any_soft = False
-        for w in ready:
-            s = self.running[w.request_id]
+        for w, s in seqs:
             if w.kind == "prefill":
                 # up to the fixed boundary (a prefix-cache hit at admission may have moved cached_len)
-                ids = s.tokens[s.cached_len:s.next_boundary(self.config.prefill_chunk, self.canvas)]
+                ids = s.tokens[s.cached_len:s.next_boundary(self.prefill_chunk, self.canvas)]
                 segments.append(Segment("encode", s.slot, len(ids), s.cached_len))
                 tokens.append(torch.tensor(ids, dtype=torch.long))
             elif w.kind == "commit":
@@ -236,7 +276,6 @@ class Engine:
                 tokens.append(s.canvas.to("cpu"))
                 softs.append(s.soft)
                 any_soft |= s.soft is not None
-            seqs.append((w, s))
         device = self.model.device
         soft = None
         if any_soft:
@@ -245,29 +284,73 @@ class Engine:
                               for x in softs])
         kv = PagedKV(self.pool, {s.slot: s.table for _, s in seqs})
         hidden = self.model(torch.cat(tokens).to(device), segments, kv, soft)
-        self.forwards += 1
-        self.canvases_in_forward.append(sum(1 for w, _ in seqs if w.kind == "denoise"))
-        self.tokens_in_forward.append(sum(seg.length for seg in segments))
+        self._count_forward(seqs)
         offset = 0
         for (w, s), seg in zip(seqs, segments, strict=True):
             if w.kind == "denoise":
                 events.extend(self._after_denoise(s, hidden[offset:offset + self.canvas]))
                 offset += self.canvas
             else:
-                # a prefix-cache hit at admission can leave fewer tokens than the planned chunk
-                self.encoder_tokens += seg.length
-                s.cached_len += seg.length
-                if self.prefix_cache is not None:
-                    self.prefix_cache.insert(s.tokens[:s.cached_len], s.table)
-                self.pool.release_out_of_window(s.table, s.cached_len)
-                if s.cached_len >= len(s.tokens):
-                    s.phase = "denoise"
-        self.step_index += 1
+                self._after_encode(s, seg.length)
         return events
+
+    def _forward_fast(self, seqs: list[tuple[Work, _Seq]]) -> list[Event]:
+        """One fast-path step (``dgserve.engine.runner``): every row and the sampler on the device, one copy
+        each way."""
+        assert self.runner is not None
+        rows = []
+        for w, s in seqs:
+            if w.kind == "prefill":
+                ids = s.tokens[s.cached_len:s.next_boundary(self.prefill_chunk, self.canvas)]
+                rows.append(Row(fast_step.PREFILL, s.slot, s.cached_len, s.table, len(ids), ids))
+            elif w.kind == "commit":
+                rows.append(Row(fast_step.COMMIT, s.slot, s.cached_len, s.table, self.canvas))
+            else:
+                p = s.req.sampling
+                if not s.canvas_started:
+                    s.steps = 0
+                rows.append(Row(fast_step.DENOISE, s.slot, s.cached_len, s.table, self.canvas,
+                                fresh=not s.canvas_started, cur_step=p.max_denoising_steps - s.steps, sampling=p,
+                                seed=s.seed, canvas_index=len(s.req.committed_ids) // self.canvas + s.canvas_index))
+        out = self.runner.run(rows)
+        self._count_forward(seqs)
+        events: list[Event] = []
+        for (w, s), row, result in zip(seqs, rows, out, strict=True):
+            if w.kind != "denoise":
+                s.table.mark_written(s.cached_len + row.length)
+                self._after_encode(s, row.length)
+                continue
+            s.canvas_started = True
+            s.steps += 1
+            s.last_served = self.step_index
+            finished = bool(result[fast_step.OUT_FINISHED])
+            if s.req.draft_every and s.steps % s.req.draft_every == 0 and not finished:
+                ids = result[fast_step.OUT_TOKENS:].tolist()
+                text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+                events.append(DraftEvent(s.req.request_id, ids, text, s.steps))
+            if finished:
+                s.canvas_started = False
+                events.extend(self._finish_canvas(s, result[fast_step.OUT_TOKENS:].tolist()))
+        return events
+
+    def _count_forward(self, seqs: list[tuple[Work, _Seq]]) -> None:
+        self.forwards += 1
+        self.canvases_in_forward.append(sum(1 for w, _ in seqs if w.kind == "denoise"))
+        self.tokens_in_forward.append(sum(w.length for w, _ in seqs))
+
+    def _after_encode(self, s: _Seq, length: int) -> None:
+        # a prefix-cache hit at admission can leave fewer tokens than the planned chunk
+        self.encoder_tokens += length
+        s.cached_len += length
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert(s.tokens[:s.cached_len], s.table)
+        self.pool.release_out_of_window(s.table, s.cached_len)
+        if s.cached_len >= len(s.tokens):
+            s.phase = "denoise"
 
     # -- internals --------------------------------------------------------------------------------
     def _view(self, s: _Seq) -> SeqView:
-        chunk = s.next_boundary(self.config.prefill_chunk, self.canvas) - s.cached_len
+        chunk = s.next_boundary(self.prefill_chunk, self.canvas) - s.cached_len
         if s.phase == "waiting":
             need = self.pool.blocks_needed(len(s.tokens) + self.canvas).full
             return SeqView(s.req.request_id, s.arrival, "waiting", tokens_to_prefill=len(s.tokens), need_blocks=need,
@@ -307,6 +390,9 @@ class Engine:
         del self.running[s.req.request_id]
         s.table, s.cached_len, s.slot = None, 0, -1
         s.phase = "waiting"
+        # fast mode: the canvas state lived in the slot; the canvas restarts (the same counter-based draws, so
+        # the same tokens as without the preemption, up to batching's rounding)
+        s.canvas_started = False
         # back to the queue in arrival order (it is older than anything that arrived after it)
         idx = next((i for i, w in enumerate(self.waiting) if w.arrival > s.arrival), len(self.waiting))
         self.waiting.insert(idx, s)
@@ -352,11 +438,10 @@ class Engine:
             text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
             events.append(DraftEvent(s.req.request_id, ids, text, s.steps))
         if stop or s.cur_step == 0:
-            events.extend(self._finish_canvas(s))
+            events.extend(self._finish_canvas(s, s.argmax.tolist()))
         return events
 
-    def _finish_canvas(self, s: _Seq) -> list[Event]:
-        committed = s.argmax.tolist()
+    def _finish_canvas(self, s: _Seq, committed: list[int]) -> list[Event]:
         s.stats.denoise_steps += s.steps
         s.stats.steps_per_canvas.append(s.steps)
         s.stats.canvases += 1
@@ -387,7 +472,9 @@ class Engine:
         if finish is None:
             s.tokens.extend(committed)
             s.phase = "commit"
-        rng = bytes(s.gen.get_state().numpy().tobytes()) if finish is None else None
+        rng = None
+        if finish is None:
+            rng = fast_rng_state(s.seed) if self.runner is not None else bytes(s.gen.get_state().numpy().tobytes())
         events: list[Event] = [CanvasEvent(s.req.request_id, new, text, s.canvas_index - 1, rng)]
         if finish is not None:
             events.append(self._finish(s, finish))
@@ -430,3 +517,27 @@ class Engine:
                 break
             events.extend(self.step())
         return events
+
+
+FAST_RNG_TAG = b"dgserve-fast-rng:"
+
+
+def resolve_execution(execution: str, device: torch.device) -> str:
+    """``auto`` is fast on CUDA and exact elsewhere."""
+    if execution == "auto":
+        return "fast" if device.type == "cuda" else "exact"
+    return execution
+
+
+def fast_rng_state(seed: int) -> bytes:
+    """A fast-mode request's randomness at a canvas boundary: its seed (the canvas index is implied by the
+    committed tokens a continuation carries)."""
+    return FAST_RNG_TAG + seed.to_bytes(8, "little")
+
+
+def continued_fast_seed(req: GenerationRequest) -> int | None:
+    """The seed a fast-mode continuation (failover) must use, from the RNG state it carries."""
+    if req.rng_state is not None and req.rng_state.startswith(FAST_RNG_TAG):
+        return int.from_bytes(req.rng_state[len(FAST_RNG_TAG):], "little")
+    return None
+

@@ -79,9 +79,8 @@ class ModelReplica:
             self.metrics.on_engine_stats(st)
             # throughput vs capacity gauges, also when autoscaling (which asks for them too) is off
             self.metrics.on_autoscaling_stats(self.capacity.autoscaling_stats(st))
-            drain = getattr(self.engine.model.dispatcher, "drain_counts", None)
-            if drain is not None:
-                counts = drain()
+            if not self.engine.model.dispatcher.collective:  # EP ranks report group-wide counts themselves
+                counts = self.engine.model.drain_expert_counts()
                 if counts:
                     self.metrics.on_expert_counts(counts, 1.0)  # one device: no rank imbalance
         return {
