@@ -239,9 +239,8 @@ def test_shared_blocks_survive_free_of_one_sequence() -> None:
     written = write_all_layers(pool, a, 8, gen)
     # b shares a's two blocks in both spaces (as the prefix cache's attach does).
     b = pool.new_table()
-    pool.allocators["full"].incref(a.full)
-    pool.allocators["sliding"].incref(a.sliding)  # type: ignore[arg-type]
-    b.full, b.sliding, b.layer_len = list(a.full), list(a.sliding), [8] * pool.num_layers
+    pool.attach_prefix(b, a.full, a.sliding, a.sliding_start)
+    assert b.num_tokens == 8
     assert pool.num_used_blocks("full") == 2
     pool.free(a)
     assert pool.num_used_blocks("full") == 2 and pool.num_used_blocks("sliding") == 2

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -96,8 +96,6 @@ class BlockTable:
     sliding: list[int | None] = field(default_factory=list)
     sliding_start: int = 0
     layer_len: list[int] = field(default_factory=list)
-    # Prefix-cache keys of the leading blocks already attached or inserted (PrefixCache's bookkeeping).
-    block_keys: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.layer_len:
@@ -287,6 +285,35 @@ class KVPagePool:
         """Positions the full space can hold (over all sequences and the prefix cache)."""
         return self.allocators["full"].num_blocks * self.block_size
 
+    # -- sharing blocks (the prefix cache) --
+    def set_evictor(self, evictor: BlockEvictor) -> None:
+        assert self.evictor is None, "the pool already has a prefix cache"
+        self.evictor = evictor
+
+    def refcount(self, space: Space, block: int) -> int:
+        return self.allocators[space].refcount(block)
+
+    def hold(self, space: Space, blocks: Iterable[int]) -> None:
+        """Take one more reference to blocks already in use (they stay allocated until every holder lets go)."""
+        self.allocators[space].incref(blocks)
+
+    def release(self, space: Space, blocks: Iterable[int]) -> int:
+        """Drop one reference to each block; returns how many became free."""
+        return self.allocators[space].decref(blocks)
+
+    def attach_prefix(self, table: BlockTable, full: Sequence[int], sliding: Sequence[int | None],
+                      sliding_start: int) -> None:
+        """Make a fresh ``table`` start with written blocks that others hold (a prefix-cache hit): positions
+        ``[0, len(full) * block_size)``; ``sliding`` is aligned with ``full``, held from ``sliding_start``."""
+        assert not table.full and not table.sliding and table.num_tokens == 0, "attach_prefix needs a fresh table"
+        self.hold("full", full)
+        table.full = list(full)
+        if self.sliding_layers:
+            self.hold("sliding", sliding[sliding_start:])  # type: ignore[arg-type]
+            table.sliding = list(sliding)
+            table.sliding_start = sliding_start
+        table.layer_len = [len(full) * self.block_size] * table.num_layers
+
     # -- allocation --
     def new_table(self) -> BlockTable:
         return BlockTable(self.num_layers)
@@ -357,7 +384,6 @@ class KVPagePool:
         table.sliding.clear()
         table.sliding_start = 0
         table.layer_len = [0] * table.num_layers
-        table.block_keys.clear()
 
 
 class PagedKV:
