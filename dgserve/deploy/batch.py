@@ -264,6 +264,7 @@ class EngineWorker:
         return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        from dgserve.engine.engine import KVCacheTooSmall
         from dgserve.engine.request import CanvasEvent, FinalEvent, GenerationRequest
 
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
@@ -287,11 +288,11 @@ class EngineWorker:
                     seed = derive_seed(self.job.seed, row["key"])
                 self.engine.add_request(GenerationRequest(prompt_ids=ids, max_tokens=max_tokens, seed=seed,
                                                           sampling=self.sampling, request_id=rid))
+            except KVCacheTooSmall as exc:
+                results[rid] = {"error": f"prompt too long: {exc}"}
+                continue
             except Exception as exc:  # a bad row must not fail its batch-mates
-                message = str(exc)
-                if "cannot fit in the KV cache" in message:
-                    message = f"prompt too long: {message}"
-                results[rid] = {"error": message}
+                results[rid] = {"error": str(exc)}
                 continue
             texts[rid] = []
         try:
@@ -313,7 +314,7 @@ class EngineWorker:
                     results[ev.request_id] = {"text": "".join(texts[ev.request_id]),
                                               "finish_reason": ev.finish_reason,
                                               "prompt_tokens": ev.stats.prompt_tokens,
-                                              "completion_tokens": ev.stats.new_tokens}
+                                              "completion_tokens": ev.stats.completion_tokens}
         out: dict[str, list[Any]] = {c: [] for c in ("key", "id", "text", "finish_reason", "prompt_tokens",
                                                      "completion_tokens", "error", "raw", "worker")}
         for i, row in enumerate(rows):

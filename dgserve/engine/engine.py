@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import itertools
 import logging
 import queue
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from dgserve.engine.finish import canvas_outcome, text_ids
 from dgserve.engine.kv_pages import BlockTable, KVPagePool, PagedKV
 from dgserve.engine.prefix_cache import PrefixCache
 from dgserve.engine.request import (
@@ -35,7 +37,7 @@ from dgserve.engine.request import (
     GenerationRequest,
     RequestStats,
 )
-from dgserve.engine.sampler import StabilityTracker, denoise_step, first_eos, random_canvas
+from dgserve.engine.sampler import StabilityTracker, denoise_step, random_canvas
 from dgserve.engine.sampling_noise import NoisePrefetcher
 from dgserve.engine.scheduler import SchedulerLimits, SeqView, StepPlan, schedule
 from dgserve.engine.single import make_generator
@@ -61,6 +63,10 @@ class EngineConfig(BaseModel):
     # the forward runs, up to this many bytes in flight (0: off); same random stream, same tokens
     # (dgserve.engine.sampling_noise). A fixed bound: peak memory still does not grow with batch x vocab.
     sampling_noise_prefetch_bytes: int = Field(64 << 20, ge=0)
+
+
+class KVCacheTooSmall(ValueError):
+    """The request's prompt + max_tokens cannot fit in the KV cache even alone; the message says what would."""
 
 
 class EngineOverloaded(RuntimeError):
@@ -149,15 +155,35 @@ class Engine:
             raise ValueError("max_tokens must be at least 1")
         if any(not 0 <= t < self.vocab for t in req.prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.vocab})")
-        need = self.pool.blocks_needed(len(req.prompt_ids) + len(req.committed_ids) + self.canvas).full
-        if need > self.pool.num_blocks("full"):
-            raise ValueError(f"prompt of {len(req.prompt_ids)} tokens cannot fit in the KV cache "
-                             f"({self.pool.token_capacity()} tokens)")
+        fits = self.max_tokens_that_fit(req)
+        if fits < min(req.max_tokens, 1 if req.fit_max_tokens else req.max_tokens):
+            raise KVCacheTooSmall(self._too_large(req, fits))
         if len(self.waiting) >= self.config.max_waiting:
             raise EngineOverloaded(len(self.waiting))
 
+    def max_tokens_that_fit(self, req: GenerationRequest) -> int:
+        """The largest max_tokens this request can have for its KV to fit the cache when it runs alone.
+
+        Its KV grows canvas by canvas up to prompt + committed + every canvas of max_tokens (a request preempted
+        just before its last canvas is re-admitted with that canvas reserved), so a request whose total fits
+        always progresses: as the oldest it can preempt all others; one that does not fit would preempt itself
+        forever. Whole canvases: 0 when not even the prompt and one canvas fit."""
+        held = len(req.prompt_ids) + len(req.committed_ids)
+        return max(0, (self.pool.token_capacity() - held) // self.canvas * self.canvas)
+
+    def _too_large(self, req: GenerationRequest, fits: int) -> str:
+        held = len(req.prompt_ids) + len(req.committed_ids)
+        need = held + -(-req.max_tokens // self.canvas) * self.canvas
+        advice = (f"lower max_tokens to at most {fits}" if fits >= 1
+                  else "shorten the prompt")
+        return (f"prompt ({held} tokens) + max_tokens ({req.max_tokens}, rounded up to whole canvases of "
+                f"{self.canvas}) need {need} tokens of KV cache, but the server's cache holds "
+                f"{self.pool.token_capacity()}; {advice}")
+
     def add_request(self, req: GenerationRequest) -> None:
         self.check_request(req)
+        if req.fit_max_tokens and req.max_tokens > (fits := self.max_tokens_that_fit(req)):
+            req = dataclasses.replace(req, max_tokens=fits)
         if req.request_id in self.running or any(s.req.request_id == req.request_id for s in self.waiting):
             raise ValueError(f"duplicate request id {req.request_id!r}")
         gen = make_generator(req.seed, self.model.device)
@@ -171,7 +197,7 @@ class Engine:
             # failover: the text of these tokens was already streamed; prime the decoder canvas by canvas so
             # a character split across the canvas boundary comes out exactly as it would have without it
             for i in range(0, len(req.committed_ids), self.canvas):
-                seq.decoder.push(req.committed_ids[i:i + self.canvas])
+                seq.decoder.push(text_ids(req.committed_ids[i:i + self.canvas], self.generation.pad_token_id))
         self._arrivals += 1
         self.waiting.append(seq)
 
@@ -319,7 +345,7 @@ class Engine:
 
     def _prefetch_noise(self, s: _Seq) -> None:
         """Start drawing the next step's sampling noise (the generator's next use) on the noise thread."""
-        if self._noise is not None and s.noise is None:
+        if self._noise is not None and s.noise is None and not s.req.sampling.greedy:  # greedy draws no noise
             s.noise = self._noise.submit((self.canvas, self.vocab), s.gen)
 
     def _drop_noise(self, s: _Seq) -> None:
@@ -359,13 +385,12 @@ class Engine:
         s.stats.canvases += 1
         if s.stats.time_to_first_canvas is None:
             s.stats.time_to_first_canvas = time.perf_counter() - s.started
-        eos_at = None if s.req.ignore_eos else first_eos(committed, self.generation.eos_token_ids)
-        new = committed if eos_at is None else committed[:eos_at]
-        new = new[: s.req.max_tokens - len(s.out_ids)]
-        finish: FinishReason | None = "stop" if eos_at is not None else None
-        text = s.decoder.push(new) if s.decoder is not None else ""
-        last = eos_at is not None or len(s.out_ids) + len(new) >= s.req.max_tokens
-        if last and s.decoder is not None:
+        pad = self.generation.pad_token_id
+        outcome = canvas_outcome(committed, s.req.max_tokens - len(s.out_ids), self.generation.eos_token_ids, pad,
+                                 s.req.ignore_eos)
+        new, finish = outcome.token_ids, outcome.finish
+        text = s.decoder.push(text_ids(new, pad)) if s.decoder is not None else ""
+        if finish is not None and s.decoder is not None:
             text += s.decoder.flush()  # the final canvas: emit any held-back partial character too
         if s.req.stop and s.decoder is not None:
             # stop strings are matched on committed text; the output is cut where the first one starts
@@ -377,15 +402,15 @@ class Engine:
                 finish = "stop"
         s.text += text
         s.out_ids.extend(new)
+        s.stats.completion_tokens += outcome.completion_tokens
         s.canvas_index += 1
         s.canvas = s.soft = s.tracker = None
-        if finish is None and len(s.out_ids) >= s.req.max_tokens:
-            finish = "length"
         if finish is None:
             s.tokens.extend(committed)
             s.phase = "commit"
         rng = bytes(s.gen.get_state().numpy().tobytes()) if finish is None else None
-        events: list[Event] = [CanvasEvent(s.req.request_id, new, text, s.canvas_index - 1, rng)]
+        events: list[Event] = [CanvasEvent(s.req.request_id, new, text, s.canvas_index - 1, rng,
+                                           outcome.completion_tokens)]
         if finish is not None:
             events.append(self._finish(s, finish))
         return events
@@ -441,6 +466,9 @@ def _free_memory_budget(device: torch.device, fraction: float) -> int:
     return int(avail * fraction)
 
 
+STALLED_POLL_S = 0.01  # how often a worker whose step found nothing to run tries again without news
+
+
 class AsyncEngine:
     """Runs ``Engine.step()`` on a worker thread; ``generate()`` streams one request's events.
 
@@ -476,6 +504,7 @@ class AsyncEngine:
                 else:
                     events.extend(self.engine.cancel(str(item)))
             if self.engine.has_work():
+                forwards = self.engine.forwards
                 try:
                     events.extend(self.engine.step())
                 except Exception as exc:  # a failed step must not hang every request: fail them all
@@ -483,6 +512,10 @@ class AsyncEngine:
                     seqs = [*self.engine.running.values(), *self.engine.waiting]
                     events.extend(self.engine._finish(s, "error", f"engine step failed: {exc}") for s in seqs)
                     self.engine.waiting.clear()
+                if self.engine.forwards == forwards and not events:
+                    # nothing could run (the queue waits for memory): wait for news instead of spinning
+                    self._wake.wait(timeout=STALLED_POLL_S)
+                    self._wake.clear()
             elif not events:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()

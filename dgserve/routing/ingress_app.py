@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dgserve.engine.engine import KVCacheTooSmall
 from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest, SamplingParams
 from dgserve.routing.errors import OpenAIHTTPError, describe_validation_errors, error_response, install_error_handlers
 from dgserve.routing.limits import InFlightLimitMiddleware
@@ -65,8 +66,22 @@ class OverloadedError(Exception):
 
 
 class InvalidPromptError(ValueError):
-    """A prompt the backend refuses (token ids out of range, a conversation the chat template rejects).
-    The ingress answers any ValueError from tokenization with a 400; this one names the intent."""
+    """A prompt the backend refuses (token ids out of range, a conversation the chat template rejects, prompt +
+    max_tokens larger than the KV cache). The ingress answers any ValueError from tokenization with a 400; this
+    one names the intent, and the request field at fault."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_prompt") -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+    @classmethod
+    def from_engine(cls, exc: ValueError) -> InvalidPromptError:
+        """The engine's refusal of a request (``Engine.check_request``) as a 400."""
+        if isinstance(exc, KVCacheTooSmall):
+            return cls(f"The request does not fit this server's KV cache: {exc}.", "max_tokens",
+                       "context_length_exceeded")
+        return cls(str(exc))
 
 
 class ChatBackend(Protocol):
@@ -261,7 +276,7 @@ class _OpenAIRoutes:
             prompt_ids=prompt_ids, max_tokens=self._max_tokens(body, len(prompt_ids), prompt_param),
             seed=body.seed, sampling=self._sampling(body), stop=body.stop_strings, ignore_eos=body.ignore_eos,
             draft_every=(body.draft_every or self.settings.default_draft_every) if body.stream_drafts else 0,
-            request_id=reply.id)
+            request_id=reply.id, fit_max_tokens=body.requested_max_tokens is None)
         usage = partial(_usage, len(prompt_ids))
         events = self.backend.generate(generation)
 
@@ -308,8 +323,10 @@ class _OpenAIRoutes:
 
     def _sampling(self, body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
         base = self.backend.sampling_defaults
-        update = {k: v for k in _SAMPLER_FIELDS if (v := getattr(body, k)) is not None}
-        if body.temperature is not None:  # temperature scales the checkpoint's t_max -> t_min schedule
+        update: dict[str, Any] = {k: v for k in _SAMPLER_FIELDS if (v := getattr(body, k)) is not None}
+        if body.temperature == 0:  # greedy denoising; acceptance keeps the checkpoint's schedule
+            update["greedy"] = True
+        elif body.temperature is not None:  # temperature scales the checkpoint's t_max -> t_min schedule
             update |= {"t_max": base.t_max * body.temperature, "t_min": base.t_min * body.temperature}
         if not update and isinstance(base, SamplingParams):
             return base
@@ -367,7 +384,7 @@ async def _collect(events: AsyncIterator[Event]) -> tuple[str, int, FinalEvent]:
     while not isinstance(event := await _next_event(events, None), FinalEvent):
         if isinstance(event, CanvasEvent):  # drafts are for streams only
             parts.append(event.text)
-            n_tokens += len(event.token_ids)
+            n_tokens += event.completion_tokens or 0
     return "".join(parts), n_tokens, event
 
 
@@ -383,7 +400,7 @@ async def _sse(reply: Reply, first: Event, events: AsyncIterator[Event], deadlin
         while not isinstance(event, FinalEvent):
             if isinstance(event, CanvasEvent):
                 canvases += 1
-                n_tokens += len(event.token_ids)
+                n_tokens += event.completion_tokens or 0
                 if event.text:
                     yield reply.content(event.text)
             elif drafts:
@@ -456,7 +473,7 @@ async def _client_gone(_: Request, __: ClientDisconnected) -> Response:
 
 async def _invalid_prompt(_: Request, exc: InvalidPromptError) -> JSONResponse:
     # raised by the backend when the engine refuses the prompt (e.g. larger than the KV cache), before any output
-    return error_response(400, str(exc) or "The prompt cannot be served.", code="invalid_prompt")
+    return error_response(400, str(exc) or "The prompt cannot be served.", param=exc.param, code=exc.code)
 
 
 async def _overloaded(_: Request, exc: OverloadedError) -> JSONResponse:

@@ -65,7 +65,7 @@ class LocalBackend:
             except EngineOverloaded as exc:
                 raise OverloadedError(self._retry_after_s) from exc
             except ValueError as exc:
-                raise InvalidPromptError(str(exc)) from exc
+                raise InvalidPromptError.from_engine(exc) from exc
             event: Event = first
             while True:
                 if isinstance(event, FinalEvent) and event.overloaded and not yielded:

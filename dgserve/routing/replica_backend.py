@@ -72,6 +72,7 @@ class ReplicaBackend:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         committed: list[int] = list(request.committed_ids)
+        completion_tokens = 0  # of the ids committed in this call, those that are text (see CanvasEvent)
         rng_state = request.rng_state
         failovers = 0
         yielded = False
@@ -84,6 +85,7 @@ class ReplicaBackend:
                 async for ev in stream:
                     if isinstance(ev, CanvasEvent):
                         committed.extend(ev.token_ids)
+                        completion_tokens += ev.completion_tokens or 0
                         rng_state = ev.rng_state
                         yielded = True
                         yield ev
@@ -94,6 +96,7 @@ class ReplicaBackend:
                             # the replica's side failed (its expert-parallel group broke): not this request's fault
                             raise _RetryableFailure(ev.error or "replica failed")
                         ev.stats.new_tokens = len(committed) - len(request.committed_ids)
+                        ev.stats.completion_tokens = completion_tokens
                         ev.stats.prompt_tokens = len(request.prompt_ids)
                         yield ev
                         return
@@ -123,7 +126,7 @@ class ReplicaBackend:
                 if isinstance(cause, EngineOverloaded) and not yielded:
                     raise OverloadedError(retry_after=1.0) from exc
                 if isinstance(cause, ValueError) and not yielded:
-                    raise InvalidPromptError(str(cause)) from exc
+                    raise InvalidPromptError.from_engine(cause) from exc
                 raise
 
 
