@@ -18,7 +18,7 @@ from dgserve.deploy.cli import main
 
 BAD_LINES = {17: '{"id": 17, "prompt": "unterminated\n', 60: "not json at all\n", 101: '[1, 2, 3]\n',
              150: '{"id": 150}\n', 180: json.dumps({"id": 180, "prompt": "word " * 5000}) + "\n"}
-FAST = {"max_tokens": 8, "steps": 4, "batch_size": 8, "kv_cache_bytes": 32 << 20, "worker_cpus": 0.5}
+FAST = {"max_tokens": 8, "steps": 4, "batch_size": 8, "kv_cache_memory": 32 << 20, "worker_cpus": 0.5}
 
 
 def _write_prompts(path: Path, n: int = 200, bad: dict[int, str] | None = None) -> set[int]:
@@ -157,7 +157,7 @@ def test_kill_midway_then_rerun_gives_every_row_exactly_once(ray_session, tmp_pa
     good = _write_prompts(tmp_path / "in.jsonl")
     out = tmp_path / "out.jsonl"
     args = ["batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--max-workers", "1",
-            "--flush-rows", "8", "--max-tokens", "8", "--steps", "4", "--batch-size", "8", "--kv-cache-bytes",
+            "--flush-rows", "8", "--max-tokens", "8", "--steps", "4", "--batch-size", "8", "--kv-cache-memory",
             str(32 << 20), "--quiet"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_worker_prestart": "0",
            "RAY_prestart_worker_first_driver": "0"}

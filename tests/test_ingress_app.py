@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from starlette.requests import ClientDisconnect
 
 from dgserve.engine.request import (
     CanvasEvent,
@@ -429,8 +431,10 @@ async def test_api_key_hook() -> None:
 # ------------------------------------------------------------------------------ disconnect and timeouts
 
 
-async def call_asgi(app: Any, body: dict[str, Any], disconnect: asyncio.Event) -> list[dict[str, Any]]:
-    """POST /v1/... straight through ASGI; the client 'disconnects' when ``disconnect`` is set."""
+async def call_asgi(app: Any, body: dict[str, Any], disconnect: asyncio.Event,
+                    raises: BaseException | None = None) -> list[dict[str, Any]]:
+    """POST /v1/... straight through ASGI; the client 'disconnects' when ``disconnect`` is set (``raises``: the
+    host reports it by raising this from ``receive``, as Ray Serve's cancelled request task does)."""
     sent: list[dict[str, Any]] = []
     raw = json.dumps(body).encode()
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
@@ -446,6 +450,8 @@ async def call_asgi(app: Any, body: dict[str, Any], disconnect: asyncio.Event) -
             body_sent = True
             return {"type": "http.request", "body": raw, "more_body": False}
         await disconnect.wait()
+        if raises is not None:
+            raise raises
         return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
@@ -467,6 +473,29 @@ async def test_disconnect_cancels_the_backend(stream: bool) -> None:
     assert backend.unfinished == [backend.requests[0].request_id]
     if stream:  # what was committed before the disconnect had been sent
         assert b"Hello" in b"".join(m.get("body", b"") for m in sent)
+
+
+class HostCancelled(Exception):
+    """Stands for ray.exceptions.TaskCancelledError, what Ray Serve's ASGI receive raises after a disconnect."""
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("error", [HostCancelled("task was cancelled"), ClientDisconnect()])
+async def test_a_disconnect_is_one_info_line(stream: bool, error: Exception, caplog: pytest.LogCaptureFixture) -> None:
+    backend = FakeBackend(hang_before_canvas=1)
+    app = build_fastapi_app(backend, disconnect_errors=(HostCancelled,))
+    disconnect = asyncio.Event()
+    caplog.set_level(logging.INFO)
+    call = asyncio.create_task(call_asgi(app, chat(stream=stream), disconnect, raises=error))
+    await asyncio.wait_for(backend.hanging.wait(), timeout=5)
+    disconnect.set()
+    await call
+    assert backend.unfinished == [backend.requests[0].request_id]
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert not any(r.exc_info for r in caplog.records)
+    if stream:  # a non-streaming request notices the disconnect itself (a 499, nothing to log)
+        (line,) = [r.getMessage() for r in caplog.records if r.name == "dgserve.routing.disconnects"]
+        assert line.startswith("client disconnected before POST /v1/chat/completions was answered")
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 
 from ray import serve
+from ray.exceptions import TaskCancelledError
 from ray.serve.config import RequestRouterConfig
+from ray.serve.exceptions import RequestCancelledError
 
 from dgserve.deploy.config import DeployConfig
 from dgserve.model.checkpoint import load_metadata
@@ -38,7 +40,8 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         keys = self.keys
-        app = build_fastapi_app(self.backend, self.config.ingress, authorize=keys.authorize if keys else None)
+        app = build_fastapi_app(self.backend, self.config.ingress, authorize=keys.authorize if keys else None,
+                                disconnect_errors=(TaskCancelledError, RequestCancelledError))
         metrics = self.metrics
 
         @app.middleware("http")

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dgserve.engine.engine import KVCacheTooSmall
 from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest, SamplingParams
+from dgserve.routing.disconnects import QuietDisconnects
 from dgserve.routing.errors import OpenAIHTTPError, describe_validation_errors, error_response, install_error_handlers
 from dgserve.routing.limits import InFlightLimitMiddleware
 from dgserve.routing.openai_protocol import (
@@ -182,8 +183,10 @@ class BodySizeLimitMiddleware:
 
 
 def build_fastapi_app(backend: ChatBackend, settings: IngressSettings | None = None, *,
-                      authorize: Authorizer | None = None) -> FastAPI:
-    """The OpenAI-compatible app over ``backend``; ``authorize`` (optional) checks Bearer API keys on /v1."""
+                      authorize: Authorizer | None = None,
+                      disconnect_errors: tuple[type[BaseException], ...] = ()) -> FastAPI:
+    """The OpenAI-compatible app over ``backend``; ``authorize`` (optional) checks Bearer API keys on /v1;
+    ``disconnect_errors``: what else, besides Starlette's and anyio's, a client disconnect raises in the host."""
     settings = settings or IngressSettings()
     routes = _OpenAIRoutes(backend, settings)
     app = FastAPI(title="dgserve", version="0.1.0", description=_API_DESCRIPTION)
@@ -194,6 +197,7 @@ def build_fastapi_app(backend: ChatBackend, settings: IngressSettings | None = N
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.max_concurrent_requests is not None:
         app.add_middleware(InFlightLimitMiddleware, max_in_flight=settings.max_concurrent_requests)
+    app.add_middleware(QuietDisconnects, extra=disconnect_errors)
     v1 = {"dependencies": [Depends(_bearer_check(authorize))] if authorize else [],
           "responses": {**_ERROR_DOCS, 401: {"model": ErrorResponse, "description": "Missing or bad API key."}}
           if authorize else _ERROR_DOCS}
