@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 METADATA_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                   "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
 WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
-_SUBFOLDERS = ("*/*",)  # fnmatch's * also matches "/": this keeps every pattern to the repository's top level
+SUBFOLDERS = ("*/*",)  # fnmatch's * also matches "/": this keeps every pattern to the repository's top level
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]")
 
 
@@ -53,7 +53,7 @@ def snapshot(repo_id: str, revision: str | None = None, *, weights: bool = True)
     patterns = [*METADATA_FILES, *WEIGHT_FILES] if weights else list(METADATA_FILES)
     try:
         path = snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
-                                 ignore_patterns=list(_SUBFOLDERS))
+                                 ignore_patterns=list(SUBFOLDERS))
     except GatedRepoError:
         raise HubError(f"{where}: a gated repository; accept its terms on huggingface.co and set HF_TOKEN to a token "
                        "of that account") from None
