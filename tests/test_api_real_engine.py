@@ -1,6 +1,6 @@
 """What a new user hits through the API (issue 17, items 1-5), end to end in one process: the real FastAPI app
-over a real engine (``LocalBackend`` on the shipped, trained ``tiny`` model), driven over HTTP with httpx and the
-official ``openai`` client. The prompts and seeds are the issue's own reproductions.
+over a real engine (``EngineChatBackend`` in process, on the shipped, trained ``tiny`` model), driven over HTTP
+with httpx and the official ``openai`` client. The prompts and seeds are the issue's own reproductions.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ import torch
 
 from dgserve.engine.engine import EngineConfig
 from dgserve.engine.request import FinalEvent, GenerationRequest
+from dgserve.model.checkpoint import load_metadata
+from dgserve.routing.chat_backend import EngineChatBackend
 from dgserve.routing.ingress_app import build_fastapi_app
-from dgserve.routing.local_backend import LocalBackend
 from dgserve.train.paths import TINY_DIR
 
 pytestmark = [pytest.mark.anyio,
@@ -28,6 +29,7 @@ pytestmark = [pytest.mark.anyio,
 
 SORT = "sort 9 1 8 2 7 3"  # seed 7: the tiny model answers '1 2 3 7 8 9' (6 tokens), then EOS
 STORY = "Write a long story about a king."  # seed 22: 22 tokens of text, then pad ids and no EOS
+TOKENIZER = load_metadata("tiny").tokenizer
 KV_BYTES = 2 << 20  # a small cache: the tiny model then holds 1,024 tokens in it (32 canvases of 32)
 
 
@@ -37,10 +39,10 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="module")
-def backend() -> Iterator[LocalBackend]:
+def backend() -> Iterator[EngineChatBackend]:
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # as a fractional-CPU replica runs; the seeds' outputs are pinned at one thread
-    local = LocalBackend.load("tiny", engine_config=EngineConfig(kv_cache_memory=KV_BYTES))
+    local = EngineChatBackend.load("tiny", engine_config=EngineConfig(kv_cache_memory=KV_BYTES))
     try:
         yield local
     finally:
@@ -48,12 +50,12 @@ def backend() -> Iterator[LocalBackend]:
         torch.set_num_threads(before)
 
 
-def http(backend: LocalBackend) -> httpx.AsyncClient:
+def http(backend: EngineChatBackend) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(build_fastapi_app(backend)), base_url="http://test",
                              timeout=120)
 
 
-def oai(backend: LocalBackend) -> openai.AsyncOpenAI:
+def oai(backend: EngineChatBackend) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url="http://test/v1", api_key="none", max_retries=0, http_client=http(backend))
 
 
@@ -114,7 +116,7 @@ async def test_usage_counts_no_pad_ids_and_an_all_pad_canvas_stops(backend) -> N
 
     # the engine's view: the token ids are the reference's (pad ids kept, as its sequences keep them), and it
     # stopped after the first all-pad canvas instead of denoising 10 canvases up to max_tokens
-    tok = backend._loaded.tokenizer
+    tok = TOKENIZER
     events = [ev async for ev in backend.generate(GenerationRequest(
         tok.encode_chat([{"role": "user", "content": STORY}]), max_tokens=300, seed=22, request_id="story",
         sampling=backend.sampling_defaults))]
@@ -147,7 +149,7 @@ async def test_lone_surrogates_and_undecodable_bodies_are_400s_that_say_why(back
     assert form.status_code == 400
     assert "must be JSON sent with Content-Type: application/json" in form.json()["error"]["message"]
     assert "application/x-www-form-urlencoded" in form.json()["error"]["message"]
-    assert not backend.engine.has_work()
+    assert not backend.client.engine.has_work()
 
 
 # ------------------------------------------------------------------- 4. temperature 0: greedy, deterministic
@@ -174,7 +176,7 @@ async def test_temperature_zero_is_deterministic_greedy_denoising(backend) -> No
 
 
 async def test_max_tokens_beyond_the_kv_cache_is_refused_or_capped(backend) -> None:
-    capacity = backend.engine.pool.token_capacity()
+    capacity = backend.client.engine.pool.token_capacity()
     assert capacity == 1024  # the issue's reproduction: a cache of 1,024 tokens, max_tokens 2,048
     async with http(backend) as client:
         refused = await asyncio.wait_for(client.post(
@@ -196,18 +198,18 @@ async def test_max_tokens_beyond_the_kv_cache_is_refused_or_capped(backend) -> N
     assert choice["finish_reason"] == "length"
     fits = (capacity - usage["prompt_tokens"]) // 32 * 32  # whole canvases
     assert 0 < usage["completion_tokens"] <= fits
-    ids = backend._loaded.tokenizer.encode("And the king said unto")
+    ids = TOKENIZER.encode("And the king said unto")
     events = [ev async for ev in backend.generate(GenerationRequest(
         ids, max_tokens=4000, seed=1, ignore_eos=True, fit_max_tokens=True, sampling=backend.sampling_defaults,
         request_id="capped"))]
     assert events[-1].finish_reason == "length" and events[-1].stats.new_tokens == fits
-    assert not backend.engine.has_work()
+    assert not backend.client.engine.has_work()
 
 
 def test_an_idle_engine_thread_sleeps(backend) -> None:
     """Thread CPU time of the engine's worker over an idle second: a spinning loop burns ~all of it."""
-    thread = backend.aengine._thread
-    assert thread.is_alive() and thread.ident is not None and not backend.engine.has_work()
+    thread = backend.client._thread
+    assert thread.is_alive() and thread.ident is not None and not backend.client.engine.has_work()
     clock = time.pthread_getcpuclockid(thread.ident)
     before = time.clock_gettime(clock)
     threading.Event().wait(1.0)

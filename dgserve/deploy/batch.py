@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
 
-from dgserve.deploy.cli_support import DEFAULT_MODEL
+from dgserve.config import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class BatchJob(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
     model: str = DEFAULT_MODEL
+    revision: str | None = Field(None, description="with a Hugging Face model id: its branch, tag or commit")
     input: str
     output: str
     errors: str | None = Field(None, description="errors file (JSONL; default OUTPUT.errors.jsonl)")
@@ -62,8 +63,8 @@ class BatchJob(BaseModel):
     worker_cpus: float = Field(1.0, gt=0.0)
     worker_gpus: float = Field(0.0, ge=0.0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    kv_cache_memory: int | None = Field(None, gt=0, description="bytes per worker; default 256 MiB on CPU, "
-                                                                "a share of free GPU memory on GPU")
+    kv_cache_memory: int | None = Field(None, gt=0, description="bytes per worker; default: the engine's "
+                                                                "(EngineConfig.kv_cache_memory)")
     flush_rows: int = Field(256, ge=1, description="rows per part file")
     flush_seconds: float = Field(10.0, gt=0.0, description="longest wait before results are made durable")
 
@@ -239,19 +240,21 @@ class EngineWorker:
 
         from dgserve.engine.engine import Engine, EngineConfig
         from dgserve.model.checkpoint import load
+        from dgserve.routing.prompts import PromptEncoder
 
         self.job = BatchJob.model_validate(job)
         torch.set_num_threads(max(1, int(self.job.worker_cpus)))
         device = "cuda" if self.job.worker_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.loaded = load(self.job.model, dtype=self.job.dtype, device=device)
+        self.loaded = load(self.job.model, dtype=self.job.dtype, device=device, revision=self.job.revision)
         if self.loaded.tokenizer is None:
             raise RuntimeError(f"{self.job.model}: the checkpoint has no tokenizer.json, so prompts cannot be "
                                "encoded")
-        kv = self.job.kv_cache_memory or (256 << 20 if device == "cpu" else None)
         self._make_engine = lambda: Engine(self.loaded.model, self.loaded.generation, self.loaded.tokenizer,
-                                           EngineConfig(kv_cache_memory=kv, max_running=min(self.job.batch_size, 256),
+                                           EngineConfig(kv_cache_memory=self.job.kv_cache_memory,
+                                                        max_running=min(self.job.batch_size, 256),
                                                         max_waiting=max(self.job.batch_size, 1)))
         self.engine = self._make_engine()
+        self.prompts = PromptEncoder(self.loaded.config, self.loaded.tokenizer)  # the API's encoding and checks
         self.sampling = self.loaded.generation.sampling
         if self.job.steps is not None:
             self.sampling = self.sampling.model_copy(update={"max_denoising_steps": self.job.steps})
@@ -266,8 +269,8 @@ class EngineWorker:
         return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        from dgserve.engine.engine import KVCacheTooSmall
-        from dgserve.engine.request import CanvasEvent, FinalEvent, GenerationRequest
+        from dgserve.engine.request import CanvasEvent, FinalEvent, GenerationRequest, InvalidRequest, PromptTooLong
+        from dgserve.routing.prompts import InvalidPromptError
 
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
         results: dict[str, dict[str, Any]] = {}
@@ -279,22 +282,28 @@ class EngineWorker:
                 continue
             request = json.loads(row["request"])
             try:
-                tok = self.loaded.tokenizer
-                ids = tok.encode_chat(request["messages"]) if "messages" in request else tok.encode(request["prompt"])
+                if "messages" in request:
+                    ids = self.prompts.encode_chat(request["messages"])
+                else:
+                    ids = self.prompts.encode(request["prompt"])
                 max_tokens = request.get("max_tokens", self.job.max_tokens)
                 if len(ids) + max_tokens > self.context:
-                    raise ValueError(f"prompt too long: {len(ids)} prompt tokens + max_tokens {max_tokens} > the "
-                                     f"model's context of {self.context}")
+                    raise PromptTooLong(f"{len(ids)} prompt tokens + max_tokens {max_tokens} > the model's context "
+                                        f"of {self.context}")
                 seed = request.get("seed")
                 if seed is None and self.job.seed is not None:
                     seed = derive_seed(self.job.seed, row["key"])
                 self.engine.add_request(GenerationRequest(prompt_ids=ids, max_tokens=max_tokens, seed=seed,
                                                           sampling=self.sampling, request_id=rid))
-            except KVCacheTooSmall as exc:
+            except PromptTooLong as exc:
                 results[rid] = {"error": f"prompt too long: {exc}"}
                 continue
-            except Exception as exc:  # a bad row must not fail its batch-mates
+            except (InvalidPromptError, InvalidRequest) as exc:
                 results[rid] = {"error": str(exc)}
+                continue
+            except Exception as exc:  # a bug, not the row's fault; still, it must not fail its batch-mates
+                log.exception("row %s could not be submitted", row["key"])
+                results[rid] = {"error": f"internal error: {type(exc).__name__}: {exc}"}
                 continue
             texts[rid] = []
         try:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 
-DEFAULT_MODEL = "tiny"  # the trained checkpoint shipped in the package (dgserve/model/assets/tiny)
 DEVICES = ("auto", "cpu", "cuda")
 THREADS_HELP = ("torch CPU threads (default 1: on a busy machine more threads than free cores make every step "
                 "many times slower; outputs depend on the count, so keep it fixed to reproduce a seed)")

@@ -12,8 +12,9 @@ from typing import TextIO
 
 from pydantic import ValidationError
 
+from dgserve.config import DEFAULT_MODEL
 from dgserve.deploy.batch import BatchError, BatchJob, Progress, run_batch
-from dgserve.deploy.cli_support import DEFAULT_MODEL, UsageError
+from dgserve.deploy.cli_support import UsageError
 
 BAR_WIDTH = 24
 
@@ -93,7 +94,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "\"max_tokens\", \"seed\"). Output rows: id, text, finish_reason, prompt_tokens, "
                     "completion_tokens. Rows that fail go to the errors file; rerunning resumes. Exit status 0 "
                     "when every row was written, 1 when some rows failed, 2 for a bad job.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or preset (default {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory, preset or Hugging Face model id "
+                                                          f"(default {DEFAULT_MODEL})")
+    p.add_argument("--revision", help="with a Hugging Face model id: its branch, tag or commit (default main)")
     p.add_argument("--input", required=True, help="prompts, .jsonl or .parquet")
     p.add_argument("--output", required=True, help="results, .jsonl or .parquet (resumed if it exists)")
     p.add_argument("--errors", help="errors file (default OUTPUT.errors.jsonl)")
@@ -108,8 +111,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--worker-gpus", type=float, default=0.0, help="GPUs per engine actor (default 0; 1 on GPUs)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weight and activation dtype (default float32)")
-    p.add_argument("--kv-cache-memory", type=int, help="KV cache bytes per engine (default 256 MiB on CPU, a share "
-                                                       "of free GPU memory on GPU)")
+    p.add_argument("--kv-cache-memory", type=int, help="KV cache bytes per engine (default: what the engine's "
+                                                       "running sequences at full context need, at most half the "
+                                                       "free memory)")
     p.add_argument("--flush-rows", type=int, default=256, help="rows per durable part file (default 256)")
     p.add_argument("--flush-seconds", type=float, default=10.0, help="longest wait before results are durable")
     p.add_argument("--quiet", action="store_true", help="no progress line")

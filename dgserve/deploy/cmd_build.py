@@ -7,8 +7,8 @@ import sys
 
 from pydantic import BaseModel, ConfigDict
 
+from dgserve.config import DeployConfig
 from dgserve.deploy.cli_support import check_model_path
-from dgserve.deploy.config import DeployConfig
 from dgserve.deploy.serve_config import (
     build_serve_config,
     load_deploy_config,

@@ -7,7 +7,8 @@ import json
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dgserve.deploy.cli_support import DEFAULT_MODEL, DEVICES, THREADS_HELP, UsageError, check_device
+from dgserve.config import DEFAULT_MODEL
+from dgserve.deploy.cli_support import DEVICES, THREADS_HELP, UsageError, check_device
 
 
 class GenerateArgs(BaseModel):

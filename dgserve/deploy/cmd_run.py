@@ -11,7 +11,8 @@ import threading
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dgserve.deploy.cli_support import DEFAULT_MODEL, DEVICES, THREADS_HELP, UsageError, check_device
+from dgserve.config import DEFAULT_MODEL
+from dgserve.deploy.cli_support import DEVICES, THREADS_HELP, UsageError, check_device
 from dgserve.deploy.local_runs import LocalRun, register, unregister
 
 # CPUs Ray reserves for a one-thread replica: a fraction, so that --replicas 4 fits a 2-core laptop's local Ray
@@ -22,6 +23,7 @@ class RunArgs(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     model: str = DEFAULT_MODEL
+    revision: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     replicas: int = Field(1, ge=1, le=1024)
@@ -31,7 +33,7 @@ class RunArgs(BaseModel):
     dtype: str = "float32"
     device: str = "auto"
     threads: int = Field(1, ge=1, le=1024)
-    kv_cache_memory: int = Field(512 << 20, ge=1 << 20)
+    kv_cache_memory: int | None = Field(None, ge=1 << 20)
 
     @field_validator("device")
     @classmethod
@@ -42,17 +44,17 @@ class RunArgs(BaseModel):
 
 
 def _deploy_config(args: RunArgs):
-    from dgserve.deploy.config import DeployConfig
+    from dgserve.config import DeployConfig
     from dgserve.deploy.serve_config import load_deploy_config
 
     if args.config:
         return load_deploy_config(args.config)  # errors name the file and the field, as `dgserve build` does
     return DeployConfig.from_args({
-        "model": {"path": args.model, "dtype": args.dtype, "device": args.device},
+        "model": {"path": args.model, "revision": args.revision, "dtype": args.dtype, "device": args.device},
         # Ray sets a replica's torch threads (OMP_NUM_THREADS) from the CPUs it reserves: max(1, int(num_cpus))
         "replicas": {"num_replicas": args.replicas, "ep_size": args.ep_size,
                      "num_cpus": ONE_THREAD_CPUS if args.threads == 1 else float(args.threads)},
-        "engine": {"kv_cache_memory": args.kv_cache_memory},
+        "engine": {"kv_cache_memory": args.kv_cache_memory},  # None: the engine's default size
         "http": {"host": args.host, "port": args.port},
     })
 
@@ -80,20 +82,22 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def run(args: RunArgs) -> int:
+    from dgserve.model.checkpoint import load_metadata
+
     config = _deploy_config(args)
     embedded = args.address is None
-    if embedded:  # on a cluster, the port and the GPUs are the head's and the workers', not this machine's
+    # everything a user can get wrong fails here, in one line, before Ray starts
+    if embedded and config.model.device != "auto":  # on a cluster, the GPUs are the workers', not this machine's
+        check_device(config.model.device)
+    load_metadata(config.model.path, config.model.revision)
+    if embedded:  # on a cluster, the port is the head's
         check_port_free(config.http.host, config.http.port)
-        if config.model.device != "auto":
-            check_device(config.model.device)
 
     from ray import serve
 
     from dgserve.cluster.local_ray import connect_ray, start_local_ray
-    from dgserve.model.checkpoint import load_metadata
     from dgserve.routing.app import build_app
 
-    load_metadata(config.model.path)  # fail fast on a bad model path, before starting anything
     if embedded:
         start_local_ray()
     else:
@@ -138,6 +142,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "line. Ctrl-C stops the embedded Ray.")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory, preset or Hugging Face model id "
                                                           f"(default {DEFAULT_MODEL})")
+    p.add_argument("--revision", help="with a Hugging Face model id: its branch, tag or commit (default main)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--replicas", type=int, default=1, help="model replicas (default 1)")
@@ -150,6 +155,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help=THREADS_HELP.replace("torch CPU threads", "torch CPU threads per replica (Ray reserves as "
                                                                   "many CPUs)"))
-    p.add_argument("--kv-cache-memory", type=int, default=512 << 20,
-                   help="KV cache bytes per replica (default 512 MiB)")
+    p.add_argument("--kv-cache-memory", type=int, default=None,
+                   help="KV cache bytes per replica (default: what max_running sequences at the model's full context "
+                        "need, at most half of the free memory)")
     p.set_defaults(handler=lambda ns: run(RunArgs(**ns)))

@@ -16,6 +16,26 @@ FinishReason = Literal["stop", "length", "cancelled", "error"]
 __all__ = ["SamplingParams"]  # re-exported: requests carry it
 
 
+class InvalidRequest(ValueError):
+    """The engine refuses the request as given (the caller's fault: a 400, never retried elsewhere)."""
+
+
+class PromptTooLong(InvalidRequest):
+    """The prompt, with its committed tokens and one canvas, cannot fit in the KV cache."""
+
+
+class MaxTokensTooLarge(InvalidRequest):
+    """The prompt fits, but not with max_tokens (in whole canvases): the request could not finish even alone."""
+
+
+class EngineOverloaded(RuntimeError):
+    """The engine (or the deployment in front of it) cannot queue the request now; retry later (a 429)."""
+
+    def __init__(self, waiting: int | None = None, message: str | None = None) -> None:
+        super().__init__(message or f"engine queue is full ({waiting} waiting)")
+        self.waiting = waiting
+
+
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]

@@ -1,10 +1,11 @@
-"""The ingress's ``ChatBackend`` over the ``ModelReplica`` deployment handle, with mid-request failover.
+"""An engine client over the ``ModelReplica`` deployment handle, with mid-request failover.
 
 A request's state that matters is its committed token ids and the sampler's RNG state at the last canvas
-boundary (carried by every ``CanvasEvent``). If the replica serving a stream dies or becomes unreachable,
-the request is resubmitted (through the router, so to another replica) with prompt + committed tokens and
-that RNG state: the client's stream continues with no error, no duplicated and no lost text. Bounded
-retries, then an error event.
+boundary (carried by every ``CanvasEvent``). If the replica serving a stream dies, becomes unreachable, or ends
+the request with a retryable error (its expert-parallel group failed), the request is resubmitted (through the
+router, so to another replica) with prompt + committed tokens and that RNG state: the stream continues with no
+error, no duplicated and no lost text. Bounded retries, then an error event. Errors the replica raises for the
+request itself come back as the engine's typed errors (``InvalidRequest``, ``EngineOverloaded``).
 """
 
 from __future__ import annotations
@@ -12,56 +13,36 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
-from dgserve.deploy.config import DeployConfig
-from dgserve.engine.engine import EngineOverloaded
-from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest, RequestStats
-from dgserve.model.checkpoint import ModelMetadata
-from dgserve.model.generation_config import SamplingParams
-from dgserve.routing.ingress_app import InvalidPromptError, OverloadedError
-from dgserve.routing.prompts import PromptEncoder
+from dgserve.engine.request import (
+    CanvasEvent,
+    EngineOverloaded,
+    Event,
+    FinalEvent,
+    GenerationRequest,
+    InvalidRequest,
+    RequestStats,
+)
 
 log = logging.getLogger(__name__)
 
 _REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
 
 
-def _cause(exc: BaseException) -> BaseException:
-    return getattr(exc, "cause", None) or exc
+class ServeEngineClient:
+    """``generate`` / ``ready`` of an in-process engine, served by the replicas behind ``handle``."""
 
-
-class ReplicaBackend:
-    def __init__(self, handle, metadata: ModelMetadata, config: DeployConfig, on_failover=None) -> None:
+    def __init__(self, handle, *, max_failovers: int, failover_backoff_s: float,
+                 on_failover: Callable[[], None] | None = None) -> None:
         self._handle = handle.options(stream=True, method_name="generate")
         self._stats_handle = handle.options(method_name="engine_stats")
-        self._meta = metadata
-        self._config = config
+        self._max_failovers = max_failovers
+        self._backoff_s = failover_backoff_s
         self._on_failover = on_failover
-        if metadata.tokenizer is None:
-            raise ValueError(f"{config.model.path}: the checkpoint has no tokenizer; the API needs one")
-        self._prompts = PromptEncoder(metadata.config, metadata.tokenizer)
-
-    @property
-    def model_id(self) -> str:
-        return self._config.model.model_id
-
-    @property
-    def max_context(self) -> int:
-        return self._meta.config.text.max_position_embeddings
-
-    @property
-    def sampling_defaults(self) -> SamplingParams:
-        return self._meta.generation.sampling
-
-    async def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
-        return self._prompts.encode(prompt)
-
-    async def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return self._prompts.encode_chat(messages)
 
     async def ready(self) -> bool:
         try:
@@ -75,23 +56,13 @@ class ReplicaBackend:
         completion_tokens = 0  # of the ids committed in this call, those that are text (see CanvasEvent)
         rng_state = request.rng_state
         failovers = 0
-        yielded = False
         while True:
             attempt = dataclasses.replace(request, committed_ids=list(committed), rng_state=rng_state,
                                           max_tokens=request.max_tokens - (len(committed)
                                                                            - len(request.committed_ids)))
-            stream = self._handle.remote(attempt)
             try:
-                async for ev in stream:
-                    if isinstance(ev, CanvasEvent):
-                        committed.extend(ev.token_ids)
-                        completion_tokens += ev.completion_tokens or 0
-                        rng_state = ev.rng_state
-                        yielded = True
-                        yield ev
-                    elif isinstance(ev, FinalEvent):
-                        if ev.overloaded and not yielded:
-                            raise OverloadedError(retry_after=1.0)
+                async for ev in self._handle.remote(attempt):
+                    if isinstance(ev, FinalEvent):
                         if ev.finish_reason == "error" and ev.retryable:
                             # the replica's side failed (its expert-parallel group broke): not this request's fault
                             raise _RetryableFailure(ev.error or "replica failed")
@@ -100,33 +71,31 @@ class ReplicaBackend:
                         ev.stats.prompt_tokens = len(request.prompt_ids)
                         yield ev
                         return
-                    else:
-                        yield ev
+                    if isinstance(ev, CanvasEvent):
+                        committed.extend(ev.token_ids)
+                        completion_tokens += ev.completion_tokens or 0
+                        rng_state = ev.rng_state
+                    yield ev
                 # a stream that ends without a final event: the replica went away mid-stream
                 raise ReplicaUnavailableError("stream ended without a final event")
             except (*_REPLICA_GONE, _RetryableFailure) as exc:
                 failovers += 1
-                if failovers > self._config.router.max_failovers:
+                if failovers > self._max_failovers:
                     yield FinalEvent(request.request_id, "error", RequestStats(prompt_tokens=len(request.prompt_ids)),
                                      f"replica failed {failovers} times; last: {type(exc).__name__}: {exc}")
                     return
-                delay = failover_delay(failovers, self._config.router.failover_backoff_s)
+                delay = failover_delay(failovers, self._backoff_s)
                 log.warning("request %s: replica lost after %d committed tokens (%s: %s); resubmitting in %.2f s",
                             request.request_id, len(committed), type(exc).__name__, exc, delay)
                 if self._on_failover is not None:
                     self._on_failover()
                 await asyncio.sleep(delay)
-                continue
             except BackPressureError as exc:
-                if yielded:
-                    raise
-                raise OverloadedError(retry_after=1.0) from exc
+                raise EngineOverloaded(message=f"the model deployment's queue is full: {exc}") from exc
             except Exception as exc:
-                cause = _cause(exc)
-                if isinstance(cause, EngineOverloaded) and not yielded:
-                    raise OverloadedError(retry_after=1.0) from exc
-                if isinstance(cause, ValueError) and not yielded:
-                    raise InvalidPromptError.from_engine(cause) from exc
+                cause = getattr(exc, "cause", None)  # what the replica raised, wrapped by Ray
+                if isinstance(cause, InvalidRequest | EngineOverloaded):
+                    raise cause from exc
                 raise
 
 
