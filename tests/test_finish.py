@@ -44,11 +44,35 @@ def test_single_request_loop_stops_on_a_pad_canvas_as_the_engine_does() -> None:
         pytest.skip("tiny not trained yet")
     loaded = load("tiny")
     ids = loaded.tokenizer.encode_chat([{"role": "user", "content": "Write a long story about a king."}])
-    kwargs = {"max_tokens": 300, "seed": 22, "sampling": loaded.generation.sampling,
+    kwargs = {"max_tokens": 128, "seed": 22, "sampling": loaded.generation.sampling,
               "eos_token_ids": loaded.generation.eos_token_ids}
     reference_like = generate_single(loaded.model, ids, **kwargs)  # no pad id: canvas after canvas of padding
     ours = generate_single(loaded.model, ids, pad_token_id=loaded.generation.pad_token_id, **kwargs)
-    assert reference_like.finish_reason == "length" and reference_like.stats.canvases == 10
+    assert reference_like.finish_reason == "length" and reference_like.stats.canvases == 4
     assert ours.finish_reason == "stop" and ours.stats.canvases == 2
     assert ours.token_ids == reference_like.token_ids[:64]
     assert ours.stats.completion_tokens == 22 and ours.stats.new_tokens == 64
+
+
+@pytest.mark.parametrize("execution", ["exact", "fast"])
+def test_both_execution_modes_honour_greedy_and_the_finish_rules(execution) -> None:
+    from dgserve.engine.engine import Engine, EngineConfig
+    from dgserve.engine.request import CanvasEvent, FinalEvent, GenerationRequest
+    from dgserve.model.checkpoint import load
+    from dgserve.train.paths import TINY_DIR
+
+    if not (TINY_DIR / "model.safetensors").is_file():
+        pytest.skip("tiny not trained yet")
+    loaded = load("tiny")
+    engine = Engine(loaded.model, loaded.generation, loaded.tokenizer,
+                    EngineConfig(kv_cache_memory=16 << 20, execution=execution))
+    sort = loaded.tokenizer.encode_chat([{"role": "user", "content": "sort 9 1 8 2 7 3"}])
+    greedy = loaded.generation.sampling.model_copy(update={"greedy": True})
+    for i, max_tokens in enumerate([32, 32, 2]):
+        engine.add_request(GenerationRequest(sort, max_tokens=max_tokens, sampling=greedy, request_id=f"g{i}"))
+    events = engine.run_until_done()
+    text = {f"g{i}": "".join(e.text for e in events if isinstance(e, CanvasEvent) and e.request_id == f"g{i}")
+            for i in range(3)}
+    finish = {e.request_id: e.finish_reason for e in events if isinstance(e, FinalEvent)}
+    assert text["g0"] == text["g1"] and text["g0"].strip() == "1 2 3 7 8 9"  # unseeded, yet the same
+    assert finish == {"g0": "stop", "g1": "stop", "g2": "length"} and text["g2"].strip() == "1 2"
