@@ -129,6 +129,8 @@ class ReplicaSlice(_Strict):
     capacity_prior_tokens_per_s: float
     prefix_affinity: bool
     affinity_prefix_tokens: int
+    request_timeout_s: float | None  # with engine.max_waiting unset, the queue is sized from it
+    max_ongoing_requests: int
 
 
 class IngressSlice(_Strict):
@@ -165,7 +167,9 @@ class DeployConfig(_Strict):
                             ep_num_redundant=r.ep_num_redundant, ep_collective_timeout_s=r.ep_collective_timeout_s,
                             capacity_prior_tokens_per_s=r.capacity_prior_tokens_per_s,
                             prefix_affinity=self.router.prefix_affinity,
-                            affinity_prefix_tokens=self.router.affinity_prefix_tokens)
+                            affinity_prefix_tokens=self.router.affinity_prefix_tokens,
+                            request_timeout_s=self.ingress.request_timeout_s,
+                            max_ongoing_requests=r.max_ongoing_requests)
 
     def ingress_slice(self) -> IngressSlice:
         return IngressSlice(model=self.model, ingress=self.ingress, auth=self.auth, router=self.router)

@@ -61,7 +61,9 @@ class EngineConfig(BaseModel):
     max_step_tokens: int = Field(8192, ge=1)
     max_running: int = Field(64, ge=1)
     prefill_chunk: int = Field(512, ge=1)
-    max_waiting: int = Field(1024, ge=0)
+    # requests queued for admission at most, beyond which they are refused (EngineOverloaded: a 429); None: no
+    # bound here (a Serve replica then bounds its queue from measured throughput: dgserve.replicas.admission)
+    max_waiting: int | None = Field(None, ge=0)
     enable_prefix_cache: bool = True
     # CPU only: draw requests' next-step sampling noise (canvas x vocab fp32 each) on a worker thread while
     # the forward runs, up to this many bytes in flight (0: off); same random stream, same tokens
@@ -180,7 +182,7 @@ class Engine:
             raise PromptTooLong(self._too_large(req, fits))
         if fits < req.max_tokens and not req.fit_max_tokens:
             raise MaxTokensTooLarge(self._too_large(req, fits))
-        if len(self.waiting) >= self.config.max_waiting:
+        if self.config.max_waiting is not None and len(self.waiting) >= self.config.max_waiting:
             raise EngineOverloaded(len(self.waiting))
 
     def max_tokens_that_fit(self, req: GenerationRequest) -> int:
