@@ -156,8 +156,6 @@ class Engine:
         self.tokens_in_forward: deque[int] = deque(maxlen=256)
         self.completed = 0
         self.preemptions = 0
-        # test/diagnostic hook: called with (request_id, step, final hidden states [C, H]) of every denoise
-        self.on_denoise = None
         prefetch = self.config.sampling_noise_prefetch_bytes
         self._noise = NoisePrefetcher(prefetch) if prefetch and model.device.type == "cpu" and not fast else None
         self.runner: FastRunner | None = None
@@ -446,9 +444,12 @@ class Engine:
             self._noise.release(s.noise)
         s.noise = None
 
+    def denoised(self, request_id: str, step: int, hidden: torch.Tensor) -> None:
+        """Exact mode: called with each denoising step's final hidden states ``[C, H]``, before sampling. A no-op;
+        a subclass that records them (logits of every step, for parity checks) overrides it."""
+
     def _after_denoise(self, s: _Seq, hidden: torch.Tensor) -> list[Event]:
-        if self.on_denoise is not None:
-            self.on_denoise(s.req.request_id, s.steps, hidden)
+        self.denoised(s.req.request_id, s.steps, hidden)
         noise = None
         if s.noise is not None and self._noise is not None:
             noise = self._noise.take(s.noise)

@@ -239,6 +239,9 @@ class LocalDispatcher(DispatcherBase):
                 or not segment_runs_pay_off(x.device)):
             perm = torch.sort(flat_expert)[1]
             counts = expert_counts(flat_expert, num_local)
+            if torch.is_grad_enabled() and (x.requires_grad or experts.gate_up_proj.requires_grad):
+                # training: torch's grouped kernel has no backward on CPU; one differentiable matmul per expert
+                runs = [(local, int(n)) for local, n in enumerate(counts.tolist())]
         else:
             # one matmul per (expert, segment), each segment's rows in the order of a forward of that
             # segment alone: its expert outputs are then bit-identical to that forward, whatever else is packed

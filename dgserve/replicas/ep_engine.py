@@ -104,6 +104,7 @@ class LockstepBarrier:
 
 
 def build_ep_engine(model: str | Path, group: EPGroup, placement: ExpertPlacement | None = None, *,
+                    engine_class: type[Engine] = Engine,
                     dtype: str | torch.dtype = torch.float32, engine_config: EngineConfig | None = None,
                     seed: int = 0, idle_poll_s: float = 0.01, stats_sync_every: int = 16, timing: bool = False,
                     owns_group: bool = False,
@@ -125,7 +126,7 @@ def build_ep_engine(model: str | Path, group: EPGroup, placement: ExpertPlacemen
     dispatcher = ExpertParallelDispatcher(placement, group.rank, t.num_hidden_layers, group=group.group,
                                           device=group.device, timing=timing)
     loaded.model.dispatcher = dispatcher
-    engine = Engine(loaded.model, loaded.generation, loaded.tokenizer, engine_config)
+    engine = engine_class(loaded.model, loaded.generation, loaded.tokenizer, engine_config)
     log.info("EP rank %d/%d: %d experts %s", group.rank, group.world_size, len(owned), _ranges(owned))
     barrier = LockstepBarrier(dispatcher, group, [layer.experts for layer in loaded.model.layers],
                               idle_poll_s=idle_poll_s, stats_sync_every=stats_sync_every, owns_group=owns_group,

@@ -104,10 +104,11 @@ def deployment_options(config: DeployConfig) -> dict[str, dict[str, Any]]:
     return {INGRESS_DEPLOYMENT: ingress, MODEL_DEPLOYMENT: model}
 
 
-def replica_deployment(config: DeployConfig) -> serve.Deployment:
+def replica_deployment(config: DeployConfig, replica_class: type[ModelReplica] | None = None) -> serve.Deployment:
     """The model deployment (EP ranks when ``ep_size > 1``), with its options; bind it with
-    ``config.replica_slice()``. ``build_app`` puts the ingress in front of it; tests deploy it alone."""
-    replica_class = EPModelReplica if config.replicas.ep_size > 1 else ModelReplica
+    ``config.replica_slice()``. ``build_app`` puts the ingress in front of it; tests deploy it alone (and may
+    give a subclass of the replica class, to observe it)."""
+    replica_class = replica_class or (EPModelReplica if config.replicas.ep_size > 1 else ModelReplica)
     return serve.deployment(replica_class, name=MODEL_DEPLOYMENT, **deployment_options(config)[MODEL_DEPLOYMENT])
 
 
