@@ -74,6 +74,12 @@ class ReplicaSettings(_Strict):
     capacity_prior_tokens_per_s: float = Field(
         200.0, gt=0.0, description="tokens/s a replica is assumed to sustain until it has measured its own")
 
+    @model_validator(mode="after")
+    def _check(self) -> ReplicaSettings:
+        if self.ep_num_redundant and self.ep_placement != "load_aware":
+            raise ValueError("ep_num_redundant copies the hottest experts: it needs ep_placement: load_aware")
+        return self
+
 
 class RouterSettings(_Strict):
     prefix_affinity: bool = Field(True, description="send a request to the replica that recently served its "

@@ -155,6 +155,7 @@ class Engine:
         self.canvases_in_forward: deque[int] = deque(maxlen=256)
         self.tokens_in_forward: deque[int] = deque(maxlen=256)
         self.completed = 0
+        self.preemptions = 0
         # test/diagnostic hook: called with (request_id, step, final hidden states [C, H]) of every denoise
         self.on_denoise = None
         prefetch = self.config.sampling_noise_prefetch_bytes
@@ -413,6 +414,7 @@ class Engine:
 
     def _preempt(self, s: _Seq) -> None:
         log.info("preempting %s (%d cached tokens)", s.req.request_id, s.cached_len)
+        self.preemptions += 1
         self.pool.free(s.table)
         self._free_slots.append(s.slot)
         del self.running[s.req.request_id]

@@ -29,7 +29,3 @@ class SamplingParams(BaseModel):
         if self.t_max <= self.t_min:
             raise ValueError(f"t_max ({self.t_max}) must be greater than t_min ({self.t_min})")
         return self
-
-    @property
-    def adaptive_stopping(self) -> bool:
-        return self.stability_threshold is not None and self.confidence_threshold is not None

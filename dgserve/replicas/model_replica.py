@@ -8,6 +8,7 @@ the subclass ``dgserve.replicas.ep_rank.EPModelReplica``.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import os
@@ -19,7 +20,7 @@ import torch
 from dgserve.config import ReplicaSlice
 from dgserve.engine.engine import Engine
 from dgserve.engine.loop import AsyncEngine
-from dgserve.engine.prefix_cache import block_keys
+from dgserve.engine.prefix_keys import affinity_key
 from dgserve.engine.request import CanvasEvent, EngineOverloaded, Event, FinalEvent, GenerationRequest
 from dgserve.model.checkpoint import load
 from dgserve.replicas.admission import QueueBound
@@ -29,12 +30,6 @@ log = logging.getLogger(__name__)
 
 # Prompt prefixes this replica served recently, reported for the router's prefix affinity.
 RECENT_PREFIXES = 512
-
-
-def affinity_key(prompt_ids: list[int], block_size: int, max_tokens: int) -> str | None:
-    """The prefix-cache key of the last complete block within the first ``max_tokens`` prompt tokens."""
-    keys = block_keys(prompt_ids[:max_tokens], block_size)
-    return keys[-1].hex() if keys else None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -122,6 +117,11 @@ class ModelReplica:
 
     def engine_stats(self) -> dict:
         return self.loop.stats()
+
+    async def drain(self, timeout_s: float = 60.0) -> bool:
+        """Wait until every request sent here so far has finished or been cancelled, its pages freed (False if
+        ``timeout_s`` passed first); ``engine_stats`` is current afterwards."""
+        return await asyncio.to_thread(self.loop.drain, timeout_s)
 
     def process_stats(self) -> dict:
         """This replica's process id and resident memory (bytes; 0 where /proc is unavailable)."""

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from dgserve.engine.prefix_keys import affinity_key
 from dgserve.engine.request import GenerationRequest
-from dgserve.replicas.model_replica import affinity_key
 
 
 @dataclass(frozen=True)
