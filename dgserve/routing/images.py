@@ -1,0 +1,212 @@
+"""The image bytes of OpenAI chat ``image_url`` content parts: ``data:`` URLs (base64 PNG/JPEG/WebP) always;
+``http(s)`` URLs only when the operator enables fetching with an allow-list of hosts, a size cap and a timeout
+(off by default: a server that fetches any URL it is given is an SSRF hole); every other scheme refused.
+Errors name the content part and say what was wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from dgserve.model.image_processing import ACCEPTED_FORMATS, ImageInputError, ImageTooLargeError
+
+log = logging.getLogger(__name__)
+
+# Media types a data: URL may declare; the bytes are identified by their content either way.
+_IMAGE_MEDIA_TYPES = {*ACCEPTED_FORMATS.values(), "image/jpg"}
+_UNTYPED = {"", "application/octet-stream"}
+
+
+class ImageURLError(ImageInputError):
+    """An ``image_url`` that cannot be turned into image bytes (bad data: URL, refused or failed fetch)."""
+
+
+class ImageFetchSettings(BaseModel):
+    """Operator settings for ``http(s)`` image URLs. Off unless ``enabled`` and the host is allow-listed.
+
+    ``allowed_hosts`` entries: ``example.com`` (any port), ``example.com:8443``, or ``*.example.com``
+    (its subdomains). The allow-list is the trust boundary: an allowed host is fetched whatever it resolves to.
+    """
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    enabled: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    max_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    timeout_s: float = Field(10.0, gt=0)  # the whole fetch, redirects included
+    max_redirects: int = Field(3, ge=0, le=10)
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _hosts_from_list(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in v:
+            host, port = _split_host_entry(entry)
+            if not host or "/" in entry or "*" in host[1:] or (host.startswith("*") and not host.startswith("*.")):
+                raise ValueError(f"allowed_hosts entry {entry!r}: expected host, host:port or *.domain")
+            if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"allowed_hosts entry {entry!r}: bad port {port!r}")
+        return tuple(e.lower() for e in v)
+
+    def allows(self, host: str, port: int) -> bool:
+        host = host.lower()
+        for entry in self.allowed_hosts:
+            name, entry_port = _split_host_entry(entry)
+            if entry_port is not None and entry_port != str(port):
+                continue
+            if (name.startswith("*.") and host.endswith(name[1:])) or name == host:
+                return True
+        return False
+
+
+def _split_host_entry(entry: str) -> tuple[str, str | None]:
+    """``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6 address -> (host, port or None)."""
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else None
+    if entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+        return host, port
+    return entry, None
+
+
+@dataclass(frozen=True)
+class ImageURL:
+    """One ``image_url`` content part of a request, with where it sits (for error messages)."""
+
+    url: str
+    where: str  # e.g. "messages[0].content[1]"
+
+
+def image_url_of(part: dict[str, Any], where: str) -> ImageURL:
+    """The URL of an OpenAI ``{"type": "image_url", "image_url": {"url": ..., "detail": ...}}`` part (a bare
+    string ``image_url`` is accepted too, as some clients send it)."""
+    value = part.get("image_url")
+    if isinstance(value, dict):
+        detail = value.get("detail", "auto")
+        if detail not in ("auto", "low", "high"):
+            raise ImageURLError(f"{where}.image_url.detail must be auto, low or high, got {detail!r}")
+        value = value.get("url")
+    if not isinstance(value, str) or not value:
+        raise ImageURLError(f"{where}.image_url.url is missing (expected a data: URL or an http(s) URL)")
+    return ImageURL(value, where)
+
+
+def decode_data_url(image: ImageURL, max_bytes: int) -> bytes:
+    """The bytes of a ``data:<image type>;base64,<data>`` URL (the size is checked before decoding)."""
+    header, sep, payload = image.url.partition(",")
+    if not sep:
+        raise ImageURLError(f"{image.where}: malformed data: URL (no ',' before the data)")
+    params = header[len("data:"):].split(";")
+    media_type = params[0].strip().lower()
+    if "base64" not in (p.strip().lower() for p in params[1:]):
+        raise ImageURLError(f"{image.where}: data: URLs must be base64-encoded (data:image/png;base64,...)")
+    if media_type not in _IMAGE_MEDIA_TYPES and media_type not in _UNTYPED:
+        raise ImageURLError(f"{image.where}: data: URL of type {media_type!r}; accepted are image/png, image/jpeg "
+                            "and image/webp")
+    encoded = "".join(payload.split())  # MIME-style line breaks are allowed
+    if len(encoded) // 4 * 3 > max_bytes + 2:
+        raise ImageTooLargeError(f"{image.where}: the image is about {len(encoded) // 4 * 3} bytes; the limit is "
+                                 f"{max_bytes} bytes (max_bytes)")
+    try:
+        return base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageURLError(f"{image.where}: the data: URL's base64 data is invalid ({exc})") from exc
+
+
+async def load_image_bytes(image: ImageURL, fetch: ImageFetchSettings, max_bytes: int,
+                           client: httpx.AsyncClient | None = None) -> bytes:
+    """The bytes behind an ``image_url``: decoded from a data: URL, or fetched under ``fetch``'s rules."""
+    scheme = image.url.split(":", 1)[0].lower() if ":" in image.url else ""
+    if scheme == "data":
+        return decode_data_url(image, max_bytes)
+    if scheme in ("http", "https"):
+        if not fetch.enabled:
+            raise ImageURLError(
+                f"{image.where}: this server does not fetch image URLs (off by default: fetching arbitrary URLs is "
+                "a server-side request forgery risk); send the image inline as a data:image/...;base64 URL, or "
+                "ask the operator to enable image URL fetching with an allow-list of hosts")
+        return await _fetch(image, fetch, min(max_bytes, fetch.max_bytes), client)
+    shown = f"{scheme}:" if scheme else repr(image.url[:40])
+    raise ImageURLError(f"{image.where}: {shown} image URLs are not accepted; send a data:image/...;base64 URL"
+                        f"{' (or an http(s) URL of an allowed host)' if fetch.enabled else ''}")
+
+
+async def _fetch(image: ImageURL, fetch: ImageFetchSettings, max_bytes: int,
+                 client: httpx.AsyncClient | None) -> bytes:
+    own = client is None
+    client = client or httpx.AsyncClient(follow_redirects=False, trust_env=False)
+    try:
+        async with asyncio.timeout(fetch.timeout_s):
+            return await _fetch_following(image, fetch, max_bytes, client)
+    except TimeoutError as exc:
+        raise ImageURLError(f"{image.where}: fetching the image took longer than {fetch.timeout_s:g} s "
+                            "(the server's image fetch timeout)") from exc
+    except httpx.HTTPError as exc:
+        raise ImageURLError(f"{image.where}: fetching the image failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        if own:
+            await client.aclose()
+
+
+async def _fetch_following(image: ImageURL, fetch: ImageFetchSettings, max_bytes: int,
+                           client: httpx.AsyncClient) -> bytes:
+    url = image.url
+    for _ in range(fetch.max_redirects + 1):
+        _check_allowed(url, image.where, fetch)
+        async with client.stream("GET", url, headers={"Accept": "image/png, image/jpeg, image/webp"}) as response:
+            if response.is_redirect:
+                location = response.headers.get("location")
+                if not location:
+                    raise ImageURLError(f"{image.where}: {url} redirected without a location")
+                url = urljoin(url, location)
+                continue
+            if response.status_code != 200:
+                raise ImageURLError(f"{image.where}: fetching {url} returned HTTP {response.status_code}")
+            media_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+            if not media_type.startswith("image/") and media_type not in _UNTYPED:
+                raise ImageURLError(f"{image.where}: {url} returned {media_type!r}, not an image")
+            declared = response.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+                raise ImageTooLargeError(f"{image.where}: the image at {url} is {declared} bytes; the limit is "
+                                         f"{max_bytes} bytes (max_bytes)")
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > max_bytes:
+                    raise ImageTooLargeError(f"{image.where}: the image at {url} is more than {max_bytes} bytes "
+                                             "(max_bytes)")
+            return bytes(body)
+    raise ImageURLError(f"{image.where}: more than {fetch.max_redirects} redirects fetching {image.url}")
+
+
+def _check_allowed(url: str, where: str, fetch: ImageFetchSettings) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ImageURLError(f"{where}: {parts.scheme or 'a relative'} URL refused (only http(s) is fetched)")
+    if parts.username is not None or parts.password is not None:
+        raise ImageURLError(f"{where}: image URLs with credentials are refused")
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:
+        raise ImageURLError(f"{where}: malformed URL {url!r} ({exc})") from exc
+    host = parts.hostname or ""
+    if not fetch.allows(host, port):
+        raise ImageURLError(f"{where}: host {host}:{port} is not in the server's allow-list for image URLs")
+
+
+__all__ = ["ImageFetchSettings", "ImageURL", "ImageURLError", "decode_data_url", "image_url_of",
+           "load_image_bytes"]
