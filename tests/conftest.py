@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import dgserve  # noqa: F401  (pins MKL's code path before any matmul: dgserve.model.batch_invariance)
+
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 

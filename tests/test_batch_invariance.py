@@ -1,14 +1,19 @@
-"""Batch invariance on CPU: the row-count probe, and MoE dispatch on one device (grouped and per-run expert MLPs
-agree; a segment's expert outputs do not depend on the other segments packed into the same forward). The
-engine-level tests are in test_engine.py, the EP ones in test_ep.py, the served ones in test_serving.py."""
+"""Batch invariance on CPU: the row-count probe at the models' own shapes, and MoE dispatch on one device (grouped
+and per-run expert MLPs agree; a segment's expert outputs do not depend on the other segments packed into the
+same forward). The engine-level tests are in test_engine.py, the EP ones in test_ep.py, the served ones in
+test_serving.py."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dgserve.model.batch_invariance import PROBE_ROWS, short_row_limit
+from dgserve.model.batch_invariance import PINNED_MKL_PATH, PROBE_ROWS, blas_path, short_row_limit
+from dgserve.model.config import PRESETS
+from dgserve.model.diffusion_gemma import DiffusionGemma
 from dgserve.model.moe import ExpertWeights, LocalDispatcher, expert_runs, grouped_expert_mlp
 
 HIDDEN, INTER, EXPERTS, TOP_K = 64, 48, 8, 2
@@ -59,17 +64,29 @@ def test_segment_outputs_do_not_depend_on_batch_mates(experts, threads):
         torch.set_num_threads(before)
 
 
+def test_mkl_is_pinned_to_one_code_path():
+    """Importing dgserve pins MKL's code path (unless the user chose one), so the probe below finds the same
+    limits on Intel and AMD CPUs; the test process runs with it."""
+    assert blas_path() == os.environ.get("MKL_CBWR", PINNED_MKL_PATH)
+    assert blas_path() is not None
+
+
+@pytest.mark.parametrize("preset", ["tiny-random", "bench-cpu"])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_short_row_limit_holds_at_the_model_shapes(threads):
-    """The probe's answer (from one 256x256 matmul) holds at the shapes the models use: from ``limit`` rows on,
-    each row comes out as in a much longer call, wherever it sits in it."""
+def test_short_row_limit_holds_at_the_model_shapes(preset, threads):
+    """The probe's answer at a model's matmul shapes holds for those shapes in other calls: from ``limit`` rows
+    on, each row comes out as in a much longer call, wherever it sits in it (what the engine relies on when it
+    packs a prompt with other work)."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        limit = short_row_limit(torch.device("cpu"), torch.float32)
+        with torch.device("meta"):
+            shapes = DiffusionGemma(PRESETS[preset]).packed_linear_shapes()
+        assert len(shapes) >= 4  # q/k/v/o, dense MLP, router: several distinct shapes
+        limit = short_row_limit(torch.device("cpu"), torch.float32, shapes)
         assert 0 <= limit < PROBE_ROWS
         g = torch.Generator().manual_seed(3)
-        for k, n in [(16, 32), (128, 512), (512, 1024), (512, 2048), (256, 32768)]:
+        for k, n in sorted(shapes):
             weight = torch.randn(n, k, generator=g)
             x = torch.randn(300, k, generator=g)
             full = F.linear(x, weight)
@@ -78,3 +95,7 @@ def test_short_row_limit_holds_at_the_model_shapes(threads):
                 assert torch.equal(F.linear(x[150:150 + rows], weight), full[150:150 + rows]), (k, n, rows)
     finally:
         torch.set_num_threads(before)
+
+
+def test_short_row_limit_is_zero_off_cpu():
+    assert short_row_limit(torch.device("meta"), torch.float32, [(64, 64)]) == 0

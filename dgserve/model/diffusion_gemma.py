@@ -46,6 +46,12 @@ class DiffusionGemma(nn.Module):
             "sliding_attention": rope_inv_freq(t.head_dim, t.rope_sliding),
             "full_attention": rope_inv_freq(t.global_head_dim, t.rope_full),
         }
+        self._packed_shapes = frozenset(self.packed_linear_shapes())
+
+    def packed_linear_shapes(self) -> set[tuple[int, int]]:
+        """``(in, out)`` of every linear layer a prompt's rows go through in a packed matmul (attention, dense
+        MLP, router; experts run per segment and self-conditioning only on canvases)."""
+        return {(m.in_features, m.out_features) for m in self.layers.modules() if isinstance(m, nn.Linear)}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -78,7 +84,7 @@ class DiffusionGemma(nn.Module):
         """
         assert sum(s.length for s in segments) == tokens.shape[0]
         if len(segments) > 1 and self.isolate_short_prompts and not self.dispatcher.collective:
-            limit = short_row_limit(tokens.device, self.dtype)
+            limit = short_row_limit(tokens.device, self.dtype, self._packed_shapes)
             if any(_short_prompt(s, limit) for s in segments):
                 return self._forward_short_alone(tokens, segments, kv, soft, limit)
         return self._forward_packed(tokens, segments, kv, soft)
