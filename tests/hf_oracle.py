@@ -64,7 +64,7 @@ VISION_SPECS = {
                     num_attention_heads=4, num_key_value_heads=2, head_dim=8, position_embedding_size=160,
                     patch_size=4, pooling_kernel_size=2, standardize=True, use_clipped_linears=True),
         processor=dict(patch_size=4, pooling_kernel_size=2, max_soft_tokens=70),
-        special_ids=dict(image_token_id=300, boi_token_id=301, eoi_token_id=302)),
+        special_ids=dict(image_token_id=5, boi_token_id=6, eoi_token_id=7)),
 }
 
 
@@ -125,11 +125,41 @@ def set_generation(model, spec: OracleSpec, eos: int | None = None, max_new_toke
     model.generation_config = DiffusionGemmaGenerationConfig(**g)
 
 
+VISION_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<image>",
+                         "<start_of_image>", "<end_of_image>"]  # ids 0-7: the vision spec's image/boi/eoi are 5/6/7
+# Gemma's turn format (dgserve's test template) with image parts: one <image> placeholder per image, which the
+# server expands to <start_of_image> <image> x n <end_of_image>, as the reference processor does.
+VISION_CHAT_TEMPLATE = r"""{{ bos_token }}
+{%- for message in messages -%}
+    {{ '<start_of_turn>' ~ ('model' if message['role'] == 'assistant' else message['role']) ~ '\n' }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- else -%}
+        {%- for part in message['content'] -%}
+            {%- if part['type'] == 'image' -%}{{ image_token }}{%- else -%}{{ part['text'] | trim }}{%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}
+"""
+
+
 def save_reference(model, out: Path, spec: OracleSpec | None = None) -> Path:
     model.save_pretrained(out)
     if spec is not None and spec.processor:
         reference_image_processor(spec).save_pretrained(out)
+        write_vision_tokenizer(out, spec.text["vocab_size"])
     return out
+
+
+def write_vision_tokenizer(out: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer of exactly ``vocab_size`` ids whose special tokens sit at the spec's ids."""
+    from dgserve.model.tokenizer_build import TINY_CORPUS, train_byte_level_bpe, write_tokenizer_dir
+
+    tok = train_byte_level_bpe(TINY_CORPUS.split("\n\n"), vocab_size, VISION_SPECIAL_TOKENS)
+    assert tok.get_vocab_size() == vocab_size, tok.get_vocab_size()
+    write_tokenizer_dir(tok, out, VISION_CHAT_TEMPLATE, image="<image>")
 
 
 def reference_image_processor(spec: OracleSpec):

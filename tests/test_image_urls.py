@@ -13,7 +13,7 @@ from PIL import Image
 from werkzeug import Response
 
 from dgserve.model.image_processing import ImageLimits, ImageTooLargeError, decode_image
-from dgserve.routing.images import ImageFetchSettings, ImageURL, ImageURLError, image_url_of, load_image_bytes
+from dgserve.routing.images import ImageFetchSettings, ImageURL, ImageURLError, load_image_bytes
 
 MAX = 100_000
 
@@ -82,15 +82,6 @@ def test_data_url_size_is_checked_before_decoding():
 def test_other_schemes_are_refused(url, message):
     with pytest.raises(ImageURLError, match=message):
         load(url, ImageFetchSettings(enabled=True, allowed_hosts=["example.com"]))
-
-
-def test_image_url_part_shapes():
-    assert image_url_of({"type": "image_url", "image_url": {"url": "data:x", "detail": "high"}}, "m").url == "data:x"
-    assert image_url_of({"type": "image_url", "image_url": "data:y"}, "m").url == "data:y"
-    with pytest.raises(ImageURLError, match=r"m\.image_url\.url is missing"):
-        image_url_of({"type": "image_url", "image_url": {}}, "m")
-    with pytest.raises(ImageURLError, match="detail must be auto, low or high"):
-        image_url_of({"type": "image_url", "image_url": {"url": "data:x", "detail": "max"}}, "m")
 
 
 # -- http(s): the fetch policy

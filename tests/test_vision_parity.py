@@ -122,6 +122,10 @@ def test_text_only_checkpoint_has_no_vision(reference_checkpoints, tmp_path):
     tensors = {k: v for k, v in load_file(copy / "model.safetensors").items() if "vision" not in k}
     save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
     assert load(copy).vision is None
+    # a text-only export that kept its vision_config (dgserve's shipped tiny model is one) is text only too
+    (copy / "config.json").write_text((path / "config.json").read_text())
+    assert load(copy).vision is None
+    assert load("tiny").vision is None
 
 
 def _edited_copy(src, dst, *, drop: str | None = None, add: str | None = None, reshape: str | None = None,

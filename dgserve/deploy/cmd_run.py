@@ -6,6 +6,7 @@ import argparse
 import signal
 import threading
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,6 +25,7 @@ class RunArgs(BaseModel):
     config: str | None = None
     dtype: str = "float32"
     kv_cache_memory: int = Field(512 << 20, ge=1 << 20)
+    vision: Literal["auto", "off"] = "auto"
 
 
 def _deploy_config(args: RunArgs):
@@ -39,7 +41,7 @@ def _deploy_config(args: RunArgs):
             raise UsageError(f"{path}: cannot read the deploy config: {exc}") from exc
         return DeployConfig.from_args(raw)
     return DeployConfig.from_args({
-        "model": {"path": args.model, "dtype": args.dtype},
+        "model": {"path": args.model, "dtype": args.dtype, "vision": args.vision},
         "replicas": {"num_replicas": args.replicas, "ep_size": args.ep_size, "num_cpus": 0.5},
         "engine": {"kv_cache_memory": args.kv_cache_memory},
         "http": {"host": args.host, "port": args.port},
@@ -54,7 +56,7 @@ def run(args: RunArgs) -> int:
     from dgserve.routing.app import build_app
 
     config = _deploy_config(args)
-    load_metadata(config.model.path)  # fail fast on a bad model path, before starting anything
+    load_metadata(config.model.path, vision=config.model.vision)  # fail fast on a bad model, before starting Ray
     embedded = args.address is None
     if embedded:
         start_local_ray()
@@ -95,4 +97,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="a deploy config YAML (overrides the flags above)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--kv-cache-memory", type=int, default=512 << 20, help="KV cache bytes per replica")
+    p.add_argument("--vision", default="auto", choices=["auto", "off"],
+                   help="auto: load the checkpoint's vision tower (if any) and accept images; off: text only")
     p.set_defaults(handler=lambda ns: run(RunArgs(**ns)))

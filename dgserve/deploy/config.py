@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dgserve.deploy.cli_support import DEFAULT_MODEL
 from dgserve.engine.engine import EngineConfig
+from dgserve.routing.image_prompts import ImageSettings
 from dgserve.routing.ingress_app import IngressSettings
 
 APP_IMPORT_PATH = "dgserve.routing.app:app_builder"
@@ -27,6 +28,9 @@ class ModelSettings(_Strict):
     served_name: str | None = Field(None, description="model id in the API (default: the path's last component)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    vision: Literal["auto", "off"] = Field(
+        "auto", description="auto: load the checkpoint's vision tower (if any) and accept image inputs; off: text "
+        "only (no vision weights in memory; image parts are a 400)")
 
     @property
     def model_id(self) -> str:
@@ -93,6 +97,7 @@ class DeployConfig(_Strict):
     replicas: ReplicaSettings = ReplicaSettings()
     router: RouterSettings = RouterSettings()
     ingress: IngressSettings = IngressSettings()
+    images: ImageSettings = ImageSettings()
     auth: AuthSettings = AuthSettings()
     http: HttpSettings = HttpSettings()
 

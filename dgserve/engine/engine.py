@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dgserve.engine.kv_pages import BlockTable, KVPagePool, PagedKV
 from dgserve.engine.prefix_cache import PrefixCache
+from dgserve.engine.prompt_images import check_images, chunk_end, cut_points, key_ids, spans_in
 from dgserve.engine.request import (
     CanvasEvent,
     DraftEvent,
@@ -33,6 +35,7 @@ from dgserve.engine.request import (
     FinalEvent,
     FinishReason,
     GenerationRequest,
+    PromptImage,
     RequestStats,
 )
 from dgserve.engine.sampler import StabilityTracker, denoise_step, first_eos, random_canvas
@@ -42,6 +45,7 @@ from dgserve.engine.single import make_generator
 from dgserve.model.checkpoint import GenerationDefaults
 from dgserve.model.diffusion_gemma import DiffusionGemma
 from dgserve.model.kv import Segment
+from dgserve.model.vision_checkpoint import LoadedVision
 
 log = logging.getLogger(__name__)
 
@@ -94,24 +98,37 @@ class _Seq:
     decoder: object | None = None
     prompt_len: int = 0
     noise: concurrent.futures.Future | None = None  # the next step's sampling noise, being drawn from gen
+    prompt_keys: list[int] = field(default_factory=list)  # the prompt as the prefix cache hashes it (images in)
 
     def next_boundary(self, chunk: int, canvas: int) -> int:
         """End of the next prefill chunk. Boundaries are fixed: the prompt in ``chunk``-sized pieces from
-        position 0, then one piece per committed canvas; so recomputing a request's KV after preemption
-        or failover repeats the original arithmetic exactly, whatever else is running."""
+        position 0 (a piece that would cut an image ends after it), then one piece per committed canvas; so
+        recomputing a request's KV after preemption or failover repeats the original arithmetic exactly,
+        whatever else is running."""
         pos = self.cached_len
         if pos < self.prompt_len:
-            return min(self.prompt_len, (pos // chunk + 1) * chunk)
+            return chunk_end(pos, self.prompt_len, chunk, self.req.images)
         return min(len(self.tokens), self.prompt_len + ((pos - self.prompt_len) // canvas + 1) * canvas)
+
+    def cache_keys(self, end: int) -> list[int]:
+        """The prefix cache's ids of positions ``[0, end)``."""
+        return self.prompt_keys[:end] + self.tokens[self.prompt_len:end]
+
+    def next_images(self, chunk: int, canvas: int) -> list[PromptImage]:
+        """The images of the next prefill chunk."""
+        if not self.req.images or self.cached_len >= self.prompt_len:
+            return []
+        return spans_in(self.req.images, self.cached_len, self.next_boundary(chunk, canvas))
 
 
 class Engine:
     def __init__(self, model: DiffusionGemma, generation: GenerationDefaults, tokenizer=None,
-                 config: EngineConfig | None = None) -> None:
+                 config: EngineConfig | None = None, vision: LoadedVision | None = None) -> None:
         self.model = model
         self.generation = generation
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
+        self.vision = vision
         cfg = model.config
         self.canvas = cfg.canvas_length
         self.vocab = cfg.text.vocab_size
@@ -120,10 +137,19 @@ class Engine:
                                            device=model.device, max_seqs=self.config.max_running,
                                            max_chunk=self.config.prefill_chunk)
         self.prefix_cache = PrefixCache(self.pool) if self.config.enable_prefix_cache else None
-        self.limits = SchedulerLimits(max_step_tokens=max(self.config.max_step_tokens, self.canvas,
-                                                          self.config.prefill_chunk),
+        # a prefill chunk ends after an image it would cut, so it may be one image longer than prefill_chunk
+        longest_chunk = self.config.prefill_chunk + (vision.spec.processor.max_soft_tokens if vision else 0)
+        self.limits = SchedulerLimits(max_step_tokens=max(self.config.max_step_tokens, self.canvas, longest_chunk),
                                       max_running=self.config.max_running, canvas=self.canvas,
                                       prefill_chunk=self.config.prefill_chunk)
+        # the vision encoder's work per image in the step budget's unit (text tokens), by parameter count: each
+        # image runs over the processor's max_patches (padded as the reference does)
+        self._vision_cost = 0.0 if vision is None else (
+            vision.spec.processor.max_patches * sum(p.numel() for p in vision.tower.parameters())
+            / model.config.parameter_counts()["active"])
+        self.vision_images = 0
+        self.vision_runs = 0
+        self.vision_seconds = 0.0
         self.waiting: deque[_Seq] = deque()
         self.running: dict[str, _Seq] = {}
         self._arrivals = 0
@@ -149,6 +175,10 @@ class Engine:
             raise ValueError("max_tokens must be at least 1")
         if any(not 0 <= t < self.vocab for t in req.prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {self.vocab})")
+        if req.images and self.vision is None:
+            raise ValueError("the prompt has images but this engine runs the text model only (the vision tower "
+                             "is not loaded: vision: off, or a checkpoint without one)")
+        check_images(req.prompt_ids, req.images, self.model.config.image_token_id)
         need = self.pool.blocks_needed(len(req.prompt_ids) + len(req.committed_ids) + self.canvas).full
         if need > self.pool.num_blocks("full"):
             raise ValueError(f"prompt of {len(req.prompt_ids)} tokens cannot fit in the KV cache "
@@ -164,8 +194,9 @@ class Engine:
         if req.rng_state is not None:
             gen.set_state(torch.frombuffer(bytearray(req.rng_state), dtype=torch.uint8))
         seq = _Seq(req=req, arrival=self._arrivals, slot=-1, tokens=[*req.prompt_ids, *req.committed_ids],
-                   gen=gen, stats=RequestStats(prompt_tokens=len(req.prompt_ids)), started=time.perf_counter(),
-                   prompt_len=len(req.prompt_ids))
+                   gen=gen, stats=RequestStats(prompt_tokens=len(req.prompt_ids), images=len(req.images)),
+                   started=time.perf_counter(), prompt_len=len(req.prompt_ids),
+                   prompt_keys=key_ids(req.prompt_ids, req.images))
         if self.tokenizer is not None:
             seq.decoder = self.tokenizer.incremental_decoder()
             # failover: the text of these tokens was already streamed; prime the decoder canvas by canvas so
@@ -216,12 +247,17 @@ class Engine:
             return events
         tokens, segments, softs, seqs = [], [], [], []
         any_soft = False
+        features = self._encode_images([self.running[w.request_id] for w in ready if w.kind == "prefill"])
+        image_embeds = []
         for w in ready:
             s = self.running[w.request_id]
             if w.kind == "prefill":
                 # up to the fixed boundary (a prefix-cache hit at admission may have moved cached_len)
                 ids = s.tokens[s.cached_len:s.next_boundary(self.config.prefill_chunk, self.canvas)]
-                segments.append(Segment("encode", s.slot, len(ids), s.cached_len))
+                images = s.next_images(self.config.prefill_chunk, self.canvas)
+                image_embeds.extend(features.pop(id(image)) for image in images)
+                segments.append(Segment("encode", s.slot, len(ids), s.cached_len,
+                                        tuple((image.start, image.end) for image in images)))
                 tokens.append(torch.tensor(ids, dtype=torch.long))
             elif w.kind == "commit":
                 segments.append(Segment("encode", s.slot, self.canvas, s.cached_len))
@@ -241,7 +277,9 @@ class Engine:
             soft = torch.cat([x if x is not None else torch.zeros(self.canvas, h, dtype=self.model.dtype, device=device)
                               for x in softs])
         kv = PagedKV(self.pool, {s.slot: s.table for _, s in seqs})
-        hidden = self.model(torch.cat(tokens).to(device), segments, kv, soft)
+        hidden = self.model(torch.cat(tokens).to(device), segments, kv, soft,
+                            torch.cat(image_embeds) if image_embeds else None)
+        del image_embeds  # the vision encoder's outputs are not kept after the prefill that used them
         self.forwards += 1
         self.canvases_in_forward.append(sum(1 for w, _ in seqs if w.kind == "denoise"))
         self.tokens_in_forward.append(sum(seg.length for seg in segments))
@@ -255,7 +293,7 @@ class Engine:
                 self.encoder_tokens += seg.length
                 s.cached_len += seg.length
                 if self.prefix_cache is not None:
-                    self.prefix_cache.insert(s.tokens[:s.cached_len], s.table)
+                    self.prefix_cache.insert(s.cache_keys(s.cached_len), s.table)
                 self.pool.release_out_of_window(s.table, s.cached_len)
                 if s.cached_len >= len(s.tokens):
                     s.phase = "denoise"
@@ -263,8 +301,30 @@ class Engine:
         return events
 
     # -- internals --------------------------------------------------------------------------------
+    def _encode_images(self, prefilling: list[_Seq]) -> dict[int, torch.Tensor]:
+        """Run the vision tower once over every image of this step's prefill chunks (one batch across requests);
+        returns each image's features by ``id(PromptImage)``."""
+        owners = [(s, image) for s in prefilling for image in s.next_images(self.config.prefill_chunk, self.canvas)]
+        if not owners:
+            return {}
+        assert self.vision is not None
+        started = time.perf_counter()
+        features = self.vision.encode([image.image for _, image in owners])
+        seconds = time.perf_counter() - started
+        self.vision_images += len(owners)
+        self.vision_runs += 1
+        self.vision_seconds += seconds
+        for s, _ in owners:
+            s.stats.vision_seconds += seconds / len(owners)
+        return {id(image): f for (_, image), f in zip(owners, features, strict=True)}
+
     def _view(self, s: _Seq) -> SeqView:
         chunk = s.next_boundary(self.config.prefill_chunk, self.canvas) - s.cached_len
+        if s.req.images:
+            # the vision encoder runs in the step of the chunk holding the images: its work counts in that step's
+            # budget (capped at the whole budget, so such a chunk can always run, alone if it must)
+            chunk += math.ceil(len(s.next_images(self.config.prefill_chunk, self.canvas)) * self._vision_cost)
+            chunk = min(chunk, self.limits.max_step_tokens)
         if s.phase == "waiting":
             need = self.pool.blocks_needed(len(s.tokens) + self.canvas).full
             return SeqView(s.req.request_id, s.arrival, "waiting", tokens_to_prefill=len(s.tokens), need_blocks=need,
@@ -283,7 +343,8 @@ class Engine:
         cached = 0
         if self.prefix_cache is not None:
             # leave a whole block to compute: a cache hit then gives a cold run's bits (see PrefixCache.match)
-            match = self.prefix_cache.match(s.tokens, min_tail=self.pool.block_size)
+            match = self.prefix_cache.match(s.cache_keys(len(s.tokens)), min_tail=self.pool.block_size,
+                                            avoid=cut_points(s.req.images))
             self.prefix_cache.attach(table, match)
             cached = match.num_tokens
         if not self.pool.ensure_capacity(table, len(s.tokens) + self.canvas):
@@ -394,7 +455,7 @@ class Engine:
         self._drop_noise(s)
         if s.req.request_id in self.running:
             if self.prefix_cache is not None and s.table is not None:
-                self.prefix_cache.insert(s.tokens[:s.cached_len], s.table)
+                self.prefix_cache.insert(s.cache_keys(s.cached_len), s.table)
             self.pool.free(s.table)
             self._free_slots.append(s.slot)
             del self.running[s.req.request_id]
@@ -415,6 +476,7 @@ class Engine:
             "kv_blocks_used": self.pool.num_used_blocks("full"),
             "kv_blocks_free": self.pool.num_free_blocks("full"),
             "kv_bytes_used": self.pool.bytes_used(), "kv_bytes_capacity": self.pool.capacity_bytes(),
+            "vision_images": self.vision_images, "vision_encoder_seconds": self.vision_seconds,
         }
         if self.prefix_cache is not None:
             out["prefix_cache_hit_rate"] = self.prefix_cache.stats.hit_rate

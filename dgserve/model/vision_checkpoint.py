@@ -7,6 +7,7 @@ tensors named. ``vision="off"`` loads nothing (text-only serving keeps its memor
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 
 from dgserve.model.checkpoint import CheckpointError, read_json_object
 from dgserve.model.config import ConfigError
+from dgserve.model.image_processing import ImageProcessor, ProcessedImage
 from dgserve.model.vision import VisionTower
 from dgserve.model.vision_config import ImageProcessorConfig, VisionConfig
 
@@ -47,6 +49,17 @@ class VisionSpec:
 class LoadedVision:
     tower: VisionTower
     spec: VisionSpec
+
+    def __post_init__(self) -> None:
+        self.processor = ImageProcessor(self.spec.processor)
+
+    def encode(self, images: Sequence[ProcessedImage]) -> list[torch.Tensor]:
+        """Each image's features in the text model's embedding space, ``[num_soft_tokens, H_text]``, computed
+        as one batch (an image's features do not depend on the others in it)."""
+        if not images:
+            return []
+        features = self.tower(*self.processor.batch(images, self.tower.device))
+        return list(torch.split(features, [image.num_soft_tokens for image in images]))
 
 
 def read_vision_spec(path: Path, mode: VisionMode = "auto") -> VisionSpec | None:
@@ -80,7 +93,8 @@ def _read_image_processor_config(path: Path, vision: VisionConfig) -> ImageProce
 
 def load_vision(path: Path, files: dict[str, Path], text_hidden: int, dtype: torch.dtype, device: torch.device,
                 mode: VisionMode = "auto") -> LoadedVision | None:
-    """The checkpoint's vision tower + projector, or None (text-only checkpoint, or ``mode`` off).
+    """The checkpoint's vision tower + projector, or None (``mode`` off, no vision_config, or no vision tensors:
+    a text-only export). Present vision tensors must match the config exactly.
 
     ``files`` maps tensor names to the safetensors file holding them (the text loader's weight map)."""
     spec = read_vision_spec(path, mode)
@@ -90,9 +104,9 @@ def load_vision(path: Path, files: dict[str, Path], text_hidden: int, dtype: tor
         return None
     present = sorted(n for n in files if n.startswith(_VISION_ROOTS))
     if not present:
-        raise VisionCheckpointError(
-            f"{path}: config.json describes a vision tower but the weights hold no {_VISION_ROOTS[0]}* tensors; "
-            "set vision: off to serve this checkpoint as text only")
+        # a text-only export that kept the vision_config (dgserve's own tiny model is one): nothing to load
+        log.warning("%s: config.json describes a vision tower but the weights hold none; serving text only", path)
+        return None
     tower = _empty_tower(spec.config, text_hidden, dtype, device)
     expected = {CHECKPOINT_PREFIX + name: tensor for name, tensor in tower.state_dict(keep_vars=True).items()}
     unexpected = [n for n in present if n not in expected]

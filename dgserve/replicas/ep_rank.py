@@ -29,6 +29,7 @@ from dgserve.engine.request import Event, FinalEvent, GenerationRequest
 from dgserve.model.ep_dispatch import EPGroupStats
 from dgserve.model.ep_weights import source_config
 from dgserve.model.placement import ExpertPlacement
+from dgserve.model.vision_checkpoint import VisionMode
 from dgserve.replicas.ep_engine import LockstepEngine, build_ep_engine
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ class EPRankReplica:
     def __init__(self, model: str, *, dtype: str = "float32", placement: str = "contiguous", num_redundant: int = 0,
                  engine_config: dict[str, Any] | None = None, collective_timeout_s: float = 60.0,
                  rendezvous_timeout_s: float = 120.0, group_name: str = "ep", seed: int = 0,
-                 record_logits_dir: str | None = None, torch_threads: int | None = None) -> None:
+                 record_logits_dir: str | None = None, torch_threads: int | None = None,
+                 vision: VisionMode = "auto") -> None:
         started = time.monotonic()
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -83,7 +85,7 @@ class EPRankReplica:
         self.engine: LockstepEngine = build_ep_engine(
             model, group, self.placement, dtype=dtype, seed=seed,
             engine_config=EngineConfig(**engine_config) if engine_config else None, owns_group=True,
-            on_stats_sync=self._publish_counts if gang.rank == 0 else None)
+            on_stats_sync=self._publish_counts if gang.rank == 0 else None, vision=vision)
         self._recorded: dict[str, list[torch.Tensor]] = {}
         self._record_dir = Path(record_logits_dir) if record_logits_dir else None
         if self._record_dir is not None:  # tests: every denoising step's logits, saved per request at its end

@@ -18,6 +18,7 @@ import torch
 from dgserve.deploy.config import DeployConfig
 from dgserve.engine.engine import AsyncEngine, Engine
 from dgserve.engine.prefix_cache import block_keys
+from dgserve.engine.prompt_images import key_ids
 from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest
 from dgserve.model.checkpoint import load
 from dgserve.replicas.capacity import CapacityEstimator
@@ -28,9 +29,10 @@ log = logging.getLogger(__name__)
 RECENT_PREFIXES = 512
 
 
-def affinity_key(prompt_ids: list[int], block_size: int, max_tokens: int) -> str | None:
-    """The prefix-cache key of the last complete block within the first ``max_tokens`` prompt tokens."""
-    keys = block_keys(prompt_ids[:max_tokens], block_size)
+def affinity_key(request: GenerationRequest, block_size: int, max_tokens: int) -> str | None:
+    """The prefix-cache key of the last complete block within the first ``max_tokens`` prompt tokens (the images
+    among them included, as the engine's prefix cache keys them)."""
+    keys = block_keys(key_ids(request.prompt_ids, request.images)[:max_tokens], block_size)
     return keys[-1].hex() if keys else None
 
 
@@ -45,8 +47,9 @@ class ModelReplica:
         self.config = DeployConfig.from_args(args)
         device = resolve_device(self.config.model.device)
         started = time.perf_counter()
-        loaded = load(self.config.model.path, dtype=self.config.model.dtype, device=device)
-        engine = Engine(loaded.model, loaded.generation, loaded.tokenizer, self.config.engine)
+        loaded = load(self.config.model.path, dtype=self.config.model.dtype, device=device,
+                      vision=self.config.model.vision)
+        engine = Engine(loaded.model, loaded.generation, loaded.tokenizer, self.config.engine, vision=loaded.vision)
         self._setup(engine, AsyncEngine(engine))
         log.info("replica ready: %s on %s in %.1fs", self.config.model.path, device, time.perf_counter() - started)
 
@@ -60,7 +63,7 @@ class ModelReplica:
         self.metrics = _maybe_metrics(self.config.model.model_id)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        key = affinity_key(request.prompt_ids, self.engine.pool.block_size, self.config.router.affinity_prefix_tokens)
+        key = affinity_key(request, self.engine.pool.block_size, self.config.router.affinity_prefix_tokens)
         if key is not None:
             self._recent[key] = None
             self._recent.move_to_end(key)
@@ -122,7 +125,7 @@ class EPModelReplica(ModelReplica):
         self.config = DeployConfig.from_args(args)
         self.rank = EPRankReplica(self.config.model.path, dtype=self.config.model.dtype,
                                   placement=self.config.replicas.ep_placement,
-                                  engine_config=self.config.engine.model_dump())
+                                  engine_config=self.config.engine.model_dump(), vision=self.config.model.vision)
         self._setup(self.rank.engine.engine, self.rank.engine)
 
     def check_health(self) -> None:

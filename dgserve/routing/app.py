@@ -29,7 +29,7 @@ class Ingress:
 
     def __init__(self, replica_handle, args: dict) -> None:
         self.config = DeployConfig.from_args(args)
-        self.metadata = load_metadata(self.config.model.path)
+        self.metadata = load_metadata(self.config.model.path, vision=self.config.model.vision)
         self.metrics = ReplicaMetrics(self.config.model.model_id)
         self.backend = ReplicaBackend(replica_handle, self.metadata, self.config, on_failover=self.metrics.on_failover)
         self.keys = APIKeyStore.from_settings(self.config.auth)  # APIKeyError: a bad key file fails the deploy

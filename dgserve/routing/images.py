@@ -91,20 +91,6 @@ class ImageURL:
     where: str  # e.g. "messages[0].content[1]"
 
 
-def image_url_of(part: dict[str, Any], where: str) -> ImageURL:
-    """The URL of an OpenAI ``{"type": "image_url", "image_url": {"url": ..., "detail": ...}}`` part (a bare
-    string ``image_url`` is accepted too, as some clients send it)."""
-    value = part.get("image_url")
-    if isinstance(value, dict):
-        detail = value.get("detail", "auto")
-        if detail not in ("auto", "low", "high"):
-            raise ImageURLError(f"{where}.image_url.detail must be auto, low or high, got {detail!r}")
-        value = value.get("url")
-    if not isinstance(value, str) or not value:
-        raise ImageURLError(f"{where}.image_url.url is missing (expected a data: URL or an http(s) URL)")
-    return ImageURL(value, where)
-
-
 def decode_data_url(image: ImageURL, max_bytes: int) -> bytes:
     """The bytes of a ``data:<image type>;base64,<data>`` URL (the size is checked before decoding)."""
     header, sep, payload = image.url.partition(",")
@@ -208,5 +194,4 @@ def _check_allowed(url: str, where: str, fetch: ImageFetchSettings) -> None:
         raise ImageURLError(f"{where}: host {host}:{port} is not in the server's allow-list for image URLs")
 
 
-__all__ = ["ImageFetchSettings", "ImageURL", "ImageURLError", "decode_data_url", "image_url_of",
-           "load_image_bytes"]
+__all__ = ["ImageFetchSettings", "ImageURL", "ImageURLError", "decode_data_url", "load_image_bytes"]

@@ -7,11 +7,15 @@ schema fuzzer drives, and a way to serve a checkpoint locally the way ``dgserve 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from dgserve.engine.engine import AsyncEngine, Engine, EngineConfig, EngineOverloaded
-from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest
+from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest, PromptImage
 from dgserve.model.checkpoint import LoadedModel, load
 from dgserve.model.generation_config import SamplingParams
+from dgserve.model.vision_checkpoint import VisionMode
+from dgserve.routing.image_prompts import ImageSettings
+from dgserve.routing.images import ImageURL
 from dgserve.routing.ingress_app import InvalidPromptError, OverloadedError
 from dgserve.routing.prompts import PromptEncoder
 
@@ -20,20 +24,24 @@ class LocalBackend:
     """Tokenizes with the checkpoint's tokenizer and generates on an engine running in this process."""
 
     def __init__(self, loaded: LoadedModel, engine_config: EngineConfig | None = None,
-                 model_id: str | None = None, retry_after_s: float = 1.0) -> None:
+                 model_id: str | None = None, retry_after_s: float = 1.0, images: ImageSettings | None = None,
+                 vision_off: bool = False) -> None:
         if loaded.tokenizer is None:
             raise ValueError(f"{loaded.source}: the checkpoint has no tokenizer; the API needs one")
         self._loaded = loaded
-        self._prompts = PromptEncoder(loaded.config, loaded.tokenizer)
+        self._prompts = PromptEncoder(loaded.config, loaded.tokenizer,
+                                      loaded.vision.spec if loaded.vision is not None else None, images, vision_off)
         self._model_id = model_id or loaded.source.removeprefix("preset:").rstrip("/").split("/")[-1]
         self._retry_after_s = retry_after_s
-        self.engine = Engine(loaded.model, loaded.generation, loaded.tokenizer, engine_config)
+        self.engine = Engine(loaded.model, loaded.generation, loaded.tokenizer, engine_config, vision=loaded.vision)
         self.aengine = AsyncEngine(self.engine)
 
     @classmethod
     def load(cls, path: str, *, dtype: str = "float32", device: str = "cpu",
-             engine_config: EngineConfig | None = None, model_id: str | None = None) -> LocalBackend:
-        return cls(load(path, dtype=dtype, device=device), engine_config, model_id or path.rstrip("/").split("/")[-1])
+             engine_config: EngineConfig | None = None, model_id: str | None = None,
+             vision: VisionMode = "auto", images: ImageSettings | None = None) -> LocalBackend:
+        return cls(load(path, dtype=dtype, device=device, vision=vision), engine_config,
+                   model_id or path.rstrip("/").split("/")[-1], images=images, vision_off=vision == "off")
 
     @property
     def model_id(self) -> str:
@@ -52,6 +60,10 @@ class LocalBackend:
 
     async def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return self._prompts.encode_chat(messages)
+
+    async def tokenize_chat_with_images(self, messages: list[dict[str, Any]], images: list[ImageURL]
+                                        ) -> tuple[list[int], tuple[PromptImage, ...]]:
+        return await self._prompts.encode_chat_with_images(messages, images)
 
     async def ready(self) -> bool:
         return self.aengine._thread.is_alive()

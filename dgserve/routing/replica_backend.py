@@ -13,15 +13,17 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
 from dgserve.deploy.config import DeployConfig
 from dgserve.engine.engine import EngineOverloaded
-from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest, RequestStats
+from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest, PromptImage, RequestStats
 from dgserve.model.checkpoint import ModelMetadata
 from dgserve.model.generation_config import SamplingParams
+from dgserve.routing.images import ImageURL
 from dgserve.routing.ingress_app import InvalidPromptError, OverloadedError
 from dgserve.routing.prompts import PromptEncoder
 
@@ -43,7 +45,8 @@ class ReplicaBackend:
         self._on_failover = on_failover
         if metadata.tokenizer is None:
             raise ValueError(f"{config.model.path}: the checkpoint has no tokenizer; the API needs one")
-        self._prompts = PromptEncoder(metadata.config, metadata.tokenizer)
+        self._prompts = PromptEncoder(metadata.config, metadata.tokenizer, metadata.vision, config.images,
+                                      vision_off=config.model.vision == "off")
 
     @property
     def model_id(self) -> str:
@@ -62,6 +65,10 @@ class ReplicaBackend:
 
     async def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return self._prompts.encode_chat(messages)
+
+    async def tokenize_chat_with_images(self, messages: list[dict[str, Any]], images: list[ImageURL]
+                                        ) -> tuple[list[int], tuple[PromptImage, ...]]:
+        return await self._prompts.encode_chat_with_images(messages, images)
 
     async def ready(self) -> bool:
         try:

@@ -100,4 +100,4 @@ class CanvasRouter(RequestRouter):
         req = pending_request.args[0]
         if not isinstance(req, GenerationRequest):
             return None
-        return affinity_key(req.prompt_ids, self._block_size, self._prefix_tokens)
+        return affinity_key(req, self._block_size, self._prefix_tokens)
