@@ -4,30 +4,18 @@ own, the default (shipped, trained) model, then a chat request through the real 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from dgserve_process import dgserve_run
 
 from dgserve.train.evaluate import ascii_word_fraction
 from dgserve.train.paths import TINY_DIR
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (TINY_DIR / "model.safetensors").is_file(), reason="tiny not trained yet")]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: dict) -> dict:
@@ -37,21 +25,8 @@ def _post(url: str, body: dict) -> dict:
 
 
 def test_dgserve_run_default_model_answers_chat_with_readable_text(tmp_path: Path):
-    port = _free_port()
-    exe = shutil.which("dgserve", path=str(Path(sys.executable).parent)) or shutil.which("dgserve")
-    cmd = [exe] if exe else [sys.executable, "-m", "dgserve.deploy.cli"]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
     log = tmp_path / "dgserve-run.log"
-    with open(log, "w") as logf:
-        proc = subprocess.Popen([*cmd, "run", "--port", str(port)], env=env, stdout=logf, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while "press Ctrl-C to stop" not in log.read_text():  # printed once the app is deployed and running
-            assert proc.poll() is None, f"dgserve run exited {proc.returncode}:\n{log.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"not up in 240 s:\n{log.read_text()[-4000:]}"
-            time.sleep(1.0)
+    with dgserve_run([], log) as base:
         printed = log.read_text()
         assert f"dgserve is serving tiny at {base}/v1" in printed and "try: curl" in printed
         with urllib.request.urlopen(f"{base}/v1/models", timeout=30) as resp:
@@ -70,13 +45,3 @@ def test_dgserve_run_default_model_answers_chat_with_readable_text(tmp_path: Pat
                                                  "seed": 0})
         text = done["choices"][0]["text"]
         assert len(text.split()) >= 5 and ascii_word_fraction(text) >= 0.8, text
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: shuts Serve and the embedded Ray down
-        try:
-            rc = proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-    assert rc == 0, log.read_text()[-4000:]
-    assert "shutting down" in log.read_text()

@@ -6,30 +6,19 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import hf_oracle
 import numpy as np
 import pytest
+from dgserve_process import dgserve_run
 from PIL import Image
 
 from dgserve.model.image_processing import num_soft_tokens
 from dgserve.model.vision_config import ImageProcessorConfig
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_url(seed: int) -> str:
@@ -44,21 +33,8 @@ def test_openai_client_sends_a_png_to_dgserve_run(vision_reference, tmp_path: Pa
 
     model_dir = tmp_path / "vision-tiny"
     shutil.copytree(vision_reference[1], model_dir)
-    port = _free_port()
-    exe = shutil.which("dgserve", path=str(Path(sys.executable).parent)) or shutil.which("dgserve")
-    cmd = [exe] if exe else [sys.executable, "-m", "dgserve.deploy.cli"]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
-    log = tmp_path / "dgserve-run.log"
-    with open(log, "w") as logf:
-        proc = subprocess.Popen([*cmd, "run", "--model", str(model_dir), "--port", str(port)], env=env, stdout=logf,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 240
-        while "press Ctrl-C to stop" not in log.read_text():
-            assert proc.poll() is None, f"dgserve run exited {proc.returncode}:\n{log.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"not up in 240 s:\n{log.read_text()[-4000:]}"
-            time.sleep(1.0)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", timeout=120, max_retries=0)
+    with dgserve_run(["--model", str(model_dir)], tmp_path / "dgserve-run.log") as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=120, max_retries=0)
         text = "what colours does this picture have? describe them one by one"
 
         def ask(image_url: str):
@@ -86,12 +62,3 @@ def test_openai_client_sends_a_png_to_dgserve_run(vision_reference, tmp_path: Pa
         with pytest.raises(openai.BadRequestError, match="file: image URLs are not accepted"):
             ask("file:///etc/passwd")
         assert ask(png_url(3)).choices[0].message.content  # the server carries on
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            rc = proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            raise
-    assert rc == 0, log.read_text()[-4000:]
