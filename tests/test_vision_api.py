@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import threading
 
 import httpx
@@ -167,3 +168,28 @@ def test_vision_off_refuses_images_and_says_how_to_enable(backends):
     assert "vision: auto" in refused.json()["error"]["message"]
     text = post(off, {**chat(), "messages": [{"role": "user", "content": "hello"}]})
     assert text.status_code == 200
+
+
+def test_batch_rows_take_the_same_image_parts(vision_reference, tmp_path):
+    """``dgserve batch`` chat rows with image_url parts (outside Ray: one engine worker over one batch)."""
+    from test_batch import FAST, _Rows
+
+    from dgserve.deploy.batch import BatchJob, EngineWorker, Prepare
+
+    def row(i: int, *parts: dict) -> str:
+        return json.dumps({"id": i, "messages": [{"role": "user", "content": [{"type": "text", "text": "look"},
+                                                                            *parts]}]})
+
+    job = BatchJob(model=str(vision_reference[1]), input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "o.jsonl"),
+                   seed=3, **FAST)
+    lines = [row(1, image(data_url(png(11)))), row(2, image(data_url(png(12))), image(data_url(png(13)))),
+             row(3, image("file:///etc/passwd")), row(4, image(data_url(b"not an image"))),
+             json.dumps({"id": 5, "prompt": "plain text"})]
+    prep = Prepare("jsonl", set())(_Rows([{"text": line} for line in lines]))
+    out = EngineWorker(job.model_dump())({k: list(v) for k, v in prep.items()})
+    assert out["error"][:2] == ["", ""] and out["error"][4] == ""
+    assert "file: image URLs are not accepted" in out["error"][2]
+    assert "not a readable PNG, JPEG or WebP image" in out["error"][3]
+    assert out["prompt_tokens"][1] > out["prompt_tokens"][0] > 64  # one image's soft tokens, then two
+    off = EngineWorker({**job.model_dump(), "vision": "off"})({k: list(v) for k, v in prep.items()})
+    assert "vision: off" in off["error"][0] and off["error"][4] == ""

@@ -102,6 +102,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs per engine actor (default 1)")
     p.add_argument("--worker-gpus", type=float, default=0.0, help="GPUs per engine actor (default 0; 1 on GPUs)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--vision", default="auto", choices=["auto", "off"],
+                   help="auto: chat rows may hold image_url parts (data: URLs); off: text only, no vision weights")
     p.add_argument("--kv-cache-bytes", type=int, help="KV cache per engine (default 256 MiB on CPU, a share of "
                                                       "free GPU memory on GPU)")
     p.add_argument("--flush-rows", type=int, default=256, help="rows per durable part file (default 256)")

@@ -313,9 +313,13 @@ class ChatCompletionRequest(_GenerationFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def image_urls(self) -> list[tuple[str, str]]:
-        """(url, where) of every image part, in conversation order; ``where`` names the part for errors."""
-        return [(part.image_url.url, f"messages[{i}].content[{j}]")
-                for i, message in enumerate(self.messages) for j, part in message.image_parts]
+        return image_urls(self.messages)
+
+
+def image_urls(messages: list[ChatMessage]) -> list[tuple[str, str]]:
+    """(url, where) of every image part, in conversation order; ``where`` names the part for errors."""
+    return [(part.image_url.url, f"messages[{i}].content[{j}]")
+            for i, message in enumerate(messages) for j, part in message.image_parts]
 
 
 # -------------------------------------------------------------------------------------------- responses
