@@ -497,7 +497,10 @@ block of tokens) at a time, each canvas denoised in several steps.
   `stream_options.include_usage` adds a final chunk with empty `choices` and the `usage`.
 * **Diffusion parameters** (dgserve extensions, optional): `entropy_bound`, `max_denoising_steps`, `t_max`,
   `t_min`, `ignore_eos`; `seed` makes output reproducible. `temperature` scales the t_max -> t_min schedule;
-  `top_p` < 1, penalties, `n` > 1, logprobs, tools and images are rejected with a 400.
+  `top_p` < 1, penalties, `n` > 1, logprobs and tools are rejected with a 400.
+* **Images** (a model with a vision tower): chat `image_url` parts with `data:image/png|jpeg|webp;base64,...`
+  URLs; http(s) URLs only from hosts the operator allows (off by default). Bad images, or more images, pixels
+  or bytes than the server's limits, are a 400 naming the part.
 * **Drafts** (opt-in, `stream_drafts: true`): provisional snapshots of the canvas being denoised, sent as
   `event: draft` SSE events whose JSON has `object` `"text_completion.draft"` or `"chat.completion.chunk.draft"`,
   empty `choices` and the snapshot under `dgserve.draft`. They are never part of the committed text: OpenAI
