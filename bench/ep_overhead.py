@@ -136,7 +136,7 @@ def _rank_worker(rank: int, world: int, port: int, preset: str, canvases: int, s
             disp = None
         else:
             model = shard_model(full.model, placement.owned_experts(rank))
-            disp = ExpertParallelDispatcher(placement, rank, t.num_hidden_layers)
+            disp = ExpertParallelDispatcher(placement, rank, t.num_hidden_layers, timing=True)
             model.dispatcher = disp
         del full
         mine = [c for c in range(canvases) if c % world == rank]  # canvases of this rank (data parallel)

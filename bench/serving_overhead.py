@@ -189,8 +189,9 @@ def run(a: argparse.Namespace) -> None:
     from ray import serve
 
     from dgserve.cluster.local_ray import LIGHT_ENV
-    from dgserve.deploy.config import DeployConfig
-    from dgserve.engine.engine import AsyncEngine, Engine
+    from dgserve.config import DeployConfig
+    from dgserve.engine.engine import Engine
+    from dgserve.engine.loop import AsyncEngine
     from dgserve.routing.app import build_app
 
     sampling = SamplingParams(max_denoising_steps=a.steps)

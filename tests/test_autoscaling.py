@@ -10,7 +10,7 @@ import pytest
 from ray.serve._private.common import DeploymentID, ReplicaID, TimeStampedValue
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-from dgserve.deploy.config import AutoscalingSettings
+from dgserve.config import AutoscalingSettings
 from dgserve.routing.autoscaling import (
     POLICY_IMPORT_PATH,
     STAT_ACTIVE,

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 import torch
 
-from dgserve.engine.engine import AsyncEngine, Engine, EngineConfig
+from dgserve.engine.engine import Engine, EngineConfig
+from dgserve.engine.loop import AsyncEngine
 from dgserve.engine.request import CanvasEvent, FinalEvent, GenerationRequest
 from dgserve.engine.single import generate_single
 from dgserve.model.checkpoint import load
@@ -201,10 +202,7 @@ def test_async_engine_streams_and_cancels(tiny):
         first = await agen.__anext__()
         assert isinstance(first, CanvasEvent)
         await agen.aclose()  # client went away
-        for _ in range(200):  # the cancellation is applied by the worker between steps
-            if "long" not in engine.running:
-                break
-            await asyncio.sleep(0.01)
+        assert await asyncio.to_thread(aeng.drain, 60)  # the worker applies the cancellation between steps
         assert "long" not in engine.running
         assert engine.pool.num_used_blocks("sliding") == engine.pool.num_used_blocks("full") == 0
 
@@ -218,16 +216,16 @@ def test_queue_filling_after_the_check_gives_a_typed_overloaded_final(tiny, monk
     """The queue can fill between generate()'s admission check and the worker thread's add_request: the request
     then ends with a FinalEvent flagged ``overloaded`` (backends answer 429 on the flag, not on the message)."""
     from dgserve.engine.engine import EngineOverloaded
+    from dgserve.routing.chat_backend import EngineChatBackend
     from dgserve.routing.ingress_app import OverloadedError
-    from dgserve.routing.local_backend import LocalBackend
 
-    backend = LocalBackend(tiny, EngineConfig(kv_cache_memory=4 << 20))
-    aeng = backend.aengine
+    backend = EngineChatBackend.in_process(tiny, EngineConfig(kv_cache_memory=4 << 20))
+    aeng = backend.client
 
     def full(req: GenerationRequest) -> None:
         raise EngineOverloaded(7)
 
-    monkeypatch.setattr(backend.engine, "add_request", full)  # generate() checks, then the worker finds it full
+    monkeypatch.setattr(aeng.engine, "add_request", full)  # generate() checks, then the worker finds it full
 
     async def main():
         events = [ev async for ev in aeng.generate(_requests(1, seed=6)[0])]

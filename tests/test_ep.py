@@ -268,9 +268,10 @@ def _failure_scenarios(rank, world, group, ckpt, placement, result):
     """EP=2 only: a collective that times out fails the request; a dead peer fails it at once."""
     from dgserve.cluster.process_group import sub_group
     from dgserve.engine.engine import EngineConfig
+    from dgserve.engine.loop import EngineFailed
     from dgserve.engine.request import GenerationRequest
     from dgserve.model.generation_config import SamplingParams
-    from dgserve.replicas.ep_engine import EPGroupFailed, build_ep_engine
+    from dgserve.replicas.ep_engine import build_ep_engine
 
     cfg = EngineConfig(kv_cache_memory=2 << 20)
     long_request = GenerationRequest(prompt_ids=[7, 8, 9], max_tokens=4000, seed=1, ignore_eos=True,
@@ -285,7 +286,7 @@ def _failure_scenarios(rank, world, group, ckpt, placement, result):
         try:
             ep.check_health()
             result["timeout_health"] = "healthy"
-        except EPGroupFailed as exc:
+        except EngineFailed as exc:
             result["timeout_health"] = str(exc)
     else:
         time.sleep(4.0)

@@ -32,16 +32,19 @@ def tiny(tmp_path_factory):
 
 
 def _deploy(world: int, ckpt: Path, record_dir: Path, name: str, placement: str = "contiguous"):
+    """The production EP deployment (what ``build_app`` serves behind the ingress), alone."""
     from ray import serve
 
-    from dgserve.replicas.ep_rank import ep_rank_deployment
+    from dgserve.config import DeployConfig
+    from dgserve.routing.app import replica_deployment
 
-    dep = ep_rank_deployment(world, name=f"EPRank{world}", num_cpus=0.25, health_check_period_s=1.0,
-                             health_check_timeout_s=10.0)
+    config = DeployConfig.from_args({
+        "model": {"path": str(ckpt), "device": "cpu"}, "engine": {"kv_cache_memory": 4 << 20, "prefill_chunk": 24},
+        "replicas": {"num_replicas": 1, "ep_size": world, "ep_placement": placement, "ep_collective_timeout_s": 20.0,
+                     "num_cpus": 0.25, "health_check_period_s": 1.0}})
     started = time.monotonic()
-    handle = serve.run(dep.bind(str(ckpt), engine_config={"kv_cache_memory": 4 << 20, "prefill_chunk": 24},
-                                collective_timeout_s=20.0, record_logits_dir=str(record_dir), torch_threads=1,
-                                placement=placement, group_name=name),
+    handle = serve.run(replica_deployment(config).bind(config.replica_slice(), record_logits_dir=str(record_dir),
+                                                        torch_threads=1),
                        name=name, route_prefix=None)
     log.info("EP=%d gang up in %.1fs", world, time.monotonic() - started)
     return handle
@@ -69,10 +72,12 @@ def _requests(n: int, prefix: str, seed: int = 0) -> list[GenerationRequest]:
 
 
 async def _rank_infos(handle, world: int) -> dict[int, dict]:
+    """Every rank's info. The router sends each call to the least loaded rank, so calls are made in concurrent
+    rounds: one in flight makes its rank busier, and the next goes elsewhere."""
     infos: dict[int, dict] = {}
     for _ in range(50):
-        info = await handle.rank_info.remote()
-        infos[info["rank"]] = info
+        for info in await asyncio.gather(*[handle.rank_info.remote() for _ in range(2 * world)]):
+            infos[info["rank"]] = info
         if len(infos) == world:
             break
     assert len(infos) == world, infos
@@ -199,7 +204,7 @@ def test_ep4_gang_matches_single_process(ray_session, tiny, tmp_path):
         async def run():
             infos = await _rank_infos(handle, 4)
             results = await asyncio.gather(*[_generate(handle, r) for r in requests])
-            stats = [await handle.stats.remote() for _ in range(4)]
+            stats = await asyncio.gather(*[handle.engine_stats.remote() for _ in range(4)])
             return infos, results, stats
 
         infos, results, stats = asyncio.run(run())

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 from werkzeug import Response
 
+from dgserve.config import ImageFetchSettings
 from dgserve.model.image_processing import ImageLimits, ImageTooLargeError, decode_image
-from dgserve.routing.images import ImageFetchSettings, ImageURL, ImageURLError, load_image_bytes
+from dgserve.routing.images import ImageURL, ImageURLError, load_image_bytes
 
 MAX = 100_000
 

@@ -14,7 +14,7 @@ import urllib.request
 import httpx
 import pytest
 
-from dgserve.deploy.config import DeployConfig
+from dgserve.config import DeployConfig
 from dgserve.deploy.dashboards import all_panel_queries
 
 pytestmark = pytest.mark.slow

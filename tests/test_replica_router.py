@@ -8,11 +8,12 @@ import asyncio
 import pytest
 from ray.exceptions import RayActorError
 
-from dgserve.deploy.config import DeployConfig
+from dgserve.config import DeployConfig
 from dgserve.engine.request import CanvasEvent, FinalEvent, GenerationRequest, RequestStats
 from dgserve.model.checkpoint import load_metadata
-from dgserve.routing.replica_backend import ReplicaBackend, failover_delay
+from dgserve.routing.chat_backend import EngineChatBackend
 from dgserve.routing.replica_router import ReplicaLoad, ScoringSettings, rank_replicas
+from dgserve.routing.serve_client import failover_delay
 
 S = ScoringSettings(overload_canvases=64, affinity_slack=8.0)
 
@@ -80,13 +81,13 @@ class _Script:
         return stream()
 
 
-def _backend(script: _Script, **router) -> ReplicaBackend:
+def _backend(script: _Script, **router) -> EngineChatBackend:
     cfg = DeployConfig.from_args({"model": {"path": "tiny-random"},
                                   "router": {"failover_backoff_s": 0.01, **router}})
-    return ReplicaBackend(script, load_metadata("tiny-random"), cfg)
+    return EngineChatBackend.over_serve(script, load_metadata("tiny-random"), cfg.ingress_slice())
 
 
-def _collect(backend: ReplicaBackend, request: GenerationRequest) -> list:
+def _collect(backend: EngineChatBackend, request: GenerationRequest) -> list:
     async def run():
         return [ev async for ev in backend.generate(request)]
     return asyncio.run(run())

@@ -21,13 +21,10 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from dgserve.config import DeployConfig
 from dgserve.deploy.cli import main
-from dgserve.deploy.config import APP_IMPORT_PATH, DeployConfig
-from dgserve.deploy.serve_config import (
-    MODEL_DEPLOYMENT,
-    build_serve_config,
-    load_deploy_config,
-)
+from dgserve.deploy.serve_config import build_serve_config, load_deploy_config
+from dgserve.routing.app import APP_IMPORT_PATH, MODEL_DEPLOYMENT
 
 AUTOSCALED = {"model": {"path": "tiny-random"},
               "replicas": {"autoscaling": {"min_replicas": 1, "max_replicas": 3}, "ep_size": 2, "num_gpus": 1}}
@@ -64,20 +61,44 @@ def test_build_output_validates_against_serve_schema(tmp_path, settings):
         assert model.autoscaling_config["policy"]["policy_function"].startswith("dgserve.")
 
 
-@pytest.mark.parametrize("settings", [{}, AUTOSCALED, {"replicas": {"num_replicas": 2, "ep_size": 4}}])
-def test_overrides_repeat_what_app_builder_sets_in_code(settings):
-    """A config file's overrides replace the code's options: they must be the same values (and the
-    autoscaling override must name the throughput policy, or Serve would fall back to its own)."""
-    if importlib.util.find_spec("dgserve.routing.app") is None:
-        pytest.skip("dgserve.routing.app (app_builder) is not written yet")
-    from dgserve.deploy.serve_config import deployment_overrides
-    from dgserve.routing.app import replica_options
+@pytest.mark.parametrize("settings", [{}, AUTOSCALED, {"replicas": {"num_replicas": 2, "ep_size": 4}},
+                                      {"router": {"prefix_affinity": False}}])
+def test_written_options_are_what_build_app_applies(settings):
+    """A config file's ``deployments`` replace the code's options: each deployment of the application that
+    ``app_builder`` builds must carry exactly the options ``dgserve build`` writes (the autoscaling override must
+    name the throughput policy, or Serve would fall back to its own)."""
+    from dgserve.routing.app import build_app
 
     config = DeployConfig.from_args(settings)
-    (override,) = deployment_overrides(config)
-    in_code = replica_options(config)
-    assert override.pop("name") == MODEL_DEPLOYMENT
-    assert override == {k: in_code[k] for k in override}
+    written = {d["name"]: d for d in build_serve_config(config)["applications"][0]["deployments"]}
+    schema = {d.name: d for d in ServeDeploySchema.model_validate(build_serve_config(config)).applications[0]
+              .deployments}
+    ingress = build_app(config)._bound_deployment
+    (replica,) = [a._bound_deployment for a in ingress.init_args if hasattr(a, "_bound_deployment")]
+    built = {ingress.name: ingress, replica.name: replica}
+    assert set(written) == set(built) == {"Ingress", MODEL_DEPLOYMENT}
+    for name, dep in built.items():
+        opts = written[name]
+        cfg = dep._deployment_config
+        assert schema[name].max_ongoing_requests == cfg.max_ongoing_requests == opts["max_ongoing_requests"]
+        assert dep.ray_actor_options == opts["ray_actor_options"]
+        if "num_replicas" in opts:
+            assert cfg.num_replicas == opts["num_replicas"] and cfg.autoscaling_config is None
+        else:
+            scaling = cfg.autoscaling_config
+            assert (scaling.min_replicas, scaling.max_replicas) == (opts["autoscaling_config"]["min_replicas"],
+                                                                   opts["autoscaling_config"]["max_replicas"])
+            assert scaling.policy.policy_function == "dgserve.routing.autoscaling:ThroughputAutoscalingPolicy"
+    model = written[MODEL_DEPLOYMENT]
+    router = built[MODEL_DEPLOYMENT]._deployment_config.request_router_config
+    assert router.request_router_class == model["request_router_config"]["request_router_class"]
+    assert router.request_router_kwargs == model["request_router_config"]["request_router_kwargs"]
+    assert router.request_router_kwargs["prefix_affinity"] == config.router.prefix_affinity
+    gang = built[MODEL_DEPLOYMENT]._deployment_config.gang_scheduling_config
+    if config.replicas.ep_size > 1:
+        assert gang.gang_size == model["gang_scheduling_config"]["gang_size"] == config.replicas.ep_size
+    else:
+        assert gang is None and "gang_scheduling_config" not in model
 
 
 def test_build_json_output_and_stdout(tmp_path, capsys):

@@ -13,7 +13,7 @@ import openai
 import pytest
 import torch
 
-from dgserve.deploy.config import DeployConfig
+from dgserve.config import DeployConfig
 from dgserve.engine.single import generate_single
 from dgserve.model.checkpoint import load
 

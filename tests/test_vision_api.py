@@ -16,12 +16,12 @@ import pytest
 from PIL import Image
 from werkzeug import Response
 
+from dgserve.config import ImageFetchSettings, ImageSettings
 from dgserve.engine.engine import EngineConfig
 from dgserve.model.image_processing import ImageLimits
-from dgserve.routing.image_prompts import ImageSettings
-from dgserve.routing.images import ImageFetchSettings, ImageURL
+from dgserve.routing.chat_backend import EngineChatBackend
+from dgserve.routing.images import ImageURL
 from dgserve.routing.ingress_app import build_fastapi_app
-from dgserve.routing.local_backend import LocalBackend
 
 MODEL = "vision"
 LIMITS = ImageLimits(max_images_per_request=2, max_pixels=200_000, max_bytes=300_000)
@@ -60,8 +60,8 @@ def backends(vision_reference):
     settings = ImageSettings(limits=LIMITS, fetch=ImageFetchSettings(enabled=True, allowed_hosts=["127.0.0.1"],
                                                                       timeout_s=0.5))
     config = EngineConfig(kv_cache_memory=8 << 20, block_size=4)
-    on = LocalBackend.load(path, engine_config=config, model_id=MODEL, images=settings)
-    off = LocalBackend.load(path, engine_config=config, model_id=MODEL, images=settings, vision="off")
+    on = EngineChatBackend.load(path, engine_config=config, model_id=MODEL, images=settings)
+    off = EngineChatBackend.load(path, engine_config=config, model_id=MODEL, images=settings, vision="off")
     yield on, off
     on.shutdown()
     off.shutdown()
@@ -78,13 +78,13 @@ def post(backend, body: dict) -> httpx.Response:
 
 def test_one_and_two_images_are_answered(backends):
     on, _ = backends
-    n_images = on.engine.vision_images
+    n_images = on.client.engine.vision_images
     one = post(on, chat(image(data_url(png(1)))))
     assert one.status_code == 200, one.text
     assert one.json()["usage"]["completion_tokens"] == 8
     two = post(on, chat(image(data_url(png(2), "image/png")), image(data_url(png(3, fmt="JPEG"), "image/jpeg"))))
     assert two.status_code == 200, two.text
-    assert on.engine.vision_images == n_images + 3
+    assert on.client.engine.vision_images == n_images + 3
     # each image's placeholder became <start_of_image> <image> x n <end_of_image>: 48x40 -> 8x8 soft tokens
     text_only = post(on, {**chat(), "messages": [{"role": "user", "content": "what is in this picture?"}]})
     soft = on._prompts._processor.preprocess(Image.open(io.BytesIO(png(1)))).num_soft_tokens
@@ -161,7 +161,7 @@ def test_too_many_images_and_timeouts(backends, httpserver):
 
 def test_vision_off_refuses_images_and_says_how_to_enable(backends):
     _, off = backends
-    assert off.engine.vision is None
+    assert off.client.engine.vision is None
     refused = post(off, chat(image(data_url(png(10)))))
     assert refused.status_code == 400
     assert "vision: off" in refused.json()["error"]["message"]

@@ -196,3 +196,21 @@ def test_bad_image_spans_are_refused(loaded):
                               request_id="z")
     with pytest.raises(ValueError, match="image tokens but its images have"):
         engine.add_request(extra)
+
+
+def test_fast_execution_takes_image_prompts(loaded):
+    """``execution: fast`` (CPU here): the prefill chunk holding an image runs the exact packed forward (the whole
+    image, its features, its mask; the runner's rows are at most one canvas), the rest the fast runner's rows.
+    The picture decides the tokens (counter-based sampling: the same request gives the same tokens)."""
+    engine = Engine(loaded.model, loaded.generation, None,
+                    EngineConfig(kv_cache_memory=8 << 20, block_size=4, execution="fast"), vision=loaded.vision)
+    assert engine.runner is not None and engine.prefill_chunk == loaded.config.canvas_length
+    reqs = [request(loaded, "a", [picture(1)], 0), request(loaded, "other", [picture(2)], 0),
+            request(loaded, "again", [picture(1)], 0), request(loaded, "two", images(1), 1)]
+    with SegmentLog(loaded.model) as log:
+        tokens, finals = drive(engine, reqs)
+    assert all(finals[r.request_id].finish_reason == "length" and len(tokens[r.request_id]) == 20 for r in reqs)
+    assert engine.vision_images == 5
+    spans = sorted(span for segs in log.segments for seg in segs for span in seg.image_spans)
+    assert spans == sorted((i.start, i.end) for r in reqs for i in r.images)  # each image whole, in exact forwards
+    assert tokens["a"] == tokens["again"] != tokens["other"]

@@ -3,8 +3,7 @@
 Each rank is a replica of one Serve deployment with ``GangSchedulingConfig(gang_size=W, PACK,
 RESTART_GANG)``: Serve reserves the gang's resources in one placement group, starts the W replicas
 together, tells each its rank (``serve.get_replica_context().gang_context``), and tears down and
-restarts the whole gang when any member fails a health check or dies. ``strict_pack_bundles`` is
-the (unused) fallback shape: one replica owning a STRICT_PACK placement group of worker actors.
+restarts the whole gang when any member fails a health check or dies.
 """
 
 from __future__ import annotations
@@ -23,10 +22,11 @@ class GangMember:
     member_replica_ids: tuple[str, ...]
 
 
-def gang_scheduling_config(world_size: int) -> GangSchedulingConfig:
-    """One EP group = one gang of W replicas, packed on a node, restarted as a whole on any failure."""
+def gang_scheduling_config(world_size: int) -> dict[str, Any]:
+    """One EP group = one gang of W replicas, packed on a node, restarted as a whole on any failure (validated
+    by Ray's ``GangSchedulingConfig``, returned as the plain JSON a Serve config file holds)."""
     return GangSchedulingConfig(gang_size=world_size, gang_placement_strategy=GangPlacementStrategy.PACK,
-                                runtime_failure_policy=GangRuntimeFailurePolicy.RESTART_GANG)
+                                runtime_failure_policy=GangRuntimeFailurePolicy.RESTART_GANG).model_dump(mode="json")
 
 
 def current_gang() -> GangMember:
@@ -41,19 +41,4 @@ def current_gang() -> GangMember:
                       member_replica_ids=tuple(ctx.member_replica_ids))
 
 
-def rank_actor_options(device: str = "cpu", num_cpus: float = 1.0) -> dict[str, Any]:
-    """``ray_actor_options`` of one rank: one GPU per rank on CUDA."""
-    opts: dict[str, Any] = {"num_cpus": num_cpus}
-    if device == "cuda":
-        opts["num_gpus"] = 1
-    return opts
-
-
-def strict_pack_bundles(world_size: int, device: str = "cpu", num_cpus: float = 1.0) -> list[dict[str, float]]:
-    """Fallback layout (not used while gang scheduling works): bundle 0 for the owning replica, then one
-    bundle per rank worker, for ``placement_group_bundles=..., placement_group_strategy="STRICT_PACK"``."""
-    rank = {"CPU": num_cpus, **({"GPU": 1.0} if device == "cuda" else {})}
-    return [{"CPU": 1.0}] + [dict(rank) for _ in range(world_size)]
-
-
-__all__ = ["GangMember", "current_gang", "gang_scheduling_config", "rank_actor_options", "strict_pack_bundles"]
+__all__ = ["GangMember", "current_gang", "gang_scheduling_config"]

@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
 
-from dgserve.deploy.cli_support import DEFAULT_MODEL
-from dgserve.routing.image_prompts import ImageSettings
+from dgserve.config import DEFAULT_MODEL, ImageSettings
 from dgserve.routing.openai_protocol import ChatMessage, image_urls
 
 if TYPE_CHECKING:
@@ -69,8 +68,8 @@ class BatchJob(BaseModel):
     vision: Literal["auto", "off"] = Field("auto", description="auto: rows may hold image_url parts (a checkpoint "
                                            "with a vision tower); off: text only")
     images: ImageSettings = ImageSettings()
-    kv_cache_bytes: int | None = Field(None, gt=0, description="per worker; default 256 MiB on CPU, "
-                                                               "a share of free GPU memory on GPU")
+    kv_cache_bytes: int | None = Field(None, gt=0, description="per worker; default: the engine's "
+                                                               "(EngineConfig.kv_cache_memory)")
     flush_rows: int = Field(256, ge=1, description="rows per part file")
     flush_seconds: float = Field(10.0, gt=0.0, description="longest wait before results are made durable")
 
@@ -249,13 +248,14 @@ class EngineWorker:
             raise RuntimeError(f"{self.job.model}: the checkpoint has no tokenizer.json, so prompts cannot be "
                                "encoded")
         vision = self.loaded.vision
-        self.prompts = PromptEncoder(self.loaded.config, self.loaded.tokenizer, vision.spec if vision else None,
-                                     self.job.images, vision_off=self.job.vision == "off")
-        kv = self.job.kv_cache_bytes or (256 << 20 if device == "cpu" else None)
         self._make_engine = lambda: Engine(self.loaded.model, self.loaded.generation, self.loaded.tokenizer,
-                                           EngineConfig(kv_cache_memory=kv, max_running=min(self.job.batch_size, 256),
+                                           EngineConfig(kv_cache_memory=self.job.kv_cache_bytes,
+                                                        max_running=min(self.job.batch_size, 256),
                                                         max_waiting=max(self.job.batch_size, 1)), vision=vision)
         self.engine = self._make_engine()
+        # the API's encoding and checks, image parts included
+        self.prompts = PromptEncoder(self.loaded.config, self.loaded.tokenizer, vision.spec if vision else None,
+                                     self.job.images, vision_off=self.job.vision == "off")
         self.sampling = self.loaded.generation.sampling
         if self.job.steps is not None:
             self.sampling = self.sampling.model_copy(update={"max_denoising_steps": self.job.steps})
@@ -265,14 +265,13 @@ class EngineWorker:
         """A row's prompt ids (and images: a chat's image_url parts, loaded and expanded as the API does)."""
         from dgserve.routing.images import ImageURL
 
-        tok = self.loaded.tokenizer
         if "messages" not in request:
-            return tok.encode(request["prompt"]), ()
+            return self.prompts.encode(request["prompt"]), ()
         chat = [ChatMessage.model_validate(m) for m in request["messages"]]
         messages = [m.for_template() for m in chat]
         urls = [ImageURL(url, where) for url, where in image_urls(chat)]
         if not urls:
-            return tok.encode_chat(messages), ()
+            return self.prompts.encode_chat(messages), ()
         return asyncio.run(self.prompts.encode_chat_with_images(messages, urls))
 
     @staticmethod
@@ -284,7 +283,8 @@ class EngineWorker:
         return ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        from dgserve.engine.request import CanvasEvent, FinalEvent, GenerationRequest
+        from dgserve.engine.request import CanvasEvent, FinalEvent, GenerationRequest, InvalidRequest, PromptTooLong
+        from dgserve.routing.prompts import InvalidPromptError
 
         rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
         results: dict[str, dict[str, Any]] = {}
@@ -299,18 +299,22 @@ class EngineWorker:
                 ids, images = self._prompt(request)
                 max_tokens = request.get("max_tokens", self.job.max_tokens)
                 if len(ids) + max_tokens > self.context:
-                    raise ValueError(f"prompt too long: {len(ids)} prompt tokens + max_tokens {max_tokens} > the "
-                                     f"model's context of {self.context}")
+                    raise PromptTooLong(f"{len(ids)} prompt tokens + max_tokens {max_tokens} > the model's context "
+                                        f"of {self.context}")
                 seed = request.get("seed")
                 if seed is None and self.job.seed is not None:
                     seed = derive_seed(self.job.seed, row["key"])
                 self.engine.add_request(GenerationRequest(prompt_ids=ids, max_tokens=max_tokens, seed=seed,
                                                           sampling=self.sampling, request_id=rid, images=images))
-            except Exception as exc:  # a bad row must not fail its batch-mates
-                message = str(exc)
-                if "cannot fit in the KV cache" in message:
-                    message = f"prompt too long: {message}"
-                results[rid] = {"error": message}
+            except PromptTooLong as exc:
+                results[rid] = {"error": f"prompt too long: {exc}"}
+                continue
+            except (InvalidPromptError, InvalidRequest) as exc:
+                results[rid] = {"error": str(exc)}
+                continue
+            except Exception as exc:  # a bug, not the row's fault; still, it must not fail its batch-mates
+                log.exception("row %s could not be submitted", row["key"])
+                results[rid] = {"error": f"internal error: {type(exc).__name__}: {exc}"}
                 continue
             texts[rid] = []
         try:

@@ -12,8 +12,9 @@ from typing import TextIO
 
 from pydantic import ValidationError
 
+from dgserve.config import DEFAULT_MODEL
 from dgserve.deploy.batch import BatchError, BatchJob, Progress, run_batch
-from dgserve.deploy.cli_support import DEFAULT_MODEL, UsageError
+from dgserve.deploy.cli_support import UsageError
 
 BAR_WIDTH = 24
 
@@ -104,8 +105,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--vision", default="auto", choices=["auto", "off"],
                    help="auto: chat rows may hold image_url parts (data: URLs); off: text only, no vision weights")
-    p.add_argument("--kv-cache-bytes", type=int, help="KV cache per engine (default 256 MiB on CPU, a share of "
-                                                      "free GPU memory on GPU)")
+    p.add_argument("--kv-cache-bytes", type=int, help="KV cache per engine (default: what the engine's running "
+                                                      "sequences at full context need, at most half the free memory)")
     p.add_argument("--flush-rows", type=int, default=256, help="rows per durable part file (default 256)")
     p.add_argument("--flush-seconds", type=float, default=10.0, help="longest wait before results are durable")
     p.add_argument("--quiet", action="store_true", help="no progress line")

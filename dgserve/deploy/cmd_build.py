@@ -7,7 +7,7 @@ import sys
 
 from pydantic import BaseModel, ConfigDict
 
-from dgserve.deploy.config import DeployConfig
+from dgserve.config import DeployConfig
 from dgserve.deploy.serve_config import (
     build_serve_config,
     load_deploy_config,

@@ -7,7 +7,8 @@ import json
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dgserve.deploy.cli_support import DEFAULT_MODEL, UsageError
+from dgserve.config import DEFAULT_MODEL
+from dgserve.deploy.cli_support import UsageError
 
 
 class GenerateArgs(BaseModel):

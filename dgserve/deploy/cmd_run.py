@@ -10,7 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dgserve.deploy.cli_support import DEFAULT_MODEL, UsageError
+from dgserve.config import DEFAULT_MODEL
+from dgserve.deploy.cli_support import UsageError
 
 
 class RunArgs(BaseModel):
@@ -24,14 +25,14 @@ class RunArgs(BaseModel):
     address: str | None = None
     config: str | None = None
     dtype: str = "float32"
-    kv_cache_memory: int = Field(512 << 20, ge=1 << 20)
+    kv_cache_memory: int | None = Field(None, ge=1 << 20)
     vision: Literal["auto", "off"] = "auto"
 
 
 def _deploy_config(args: RunArgs):
     import yaml
 
-    from dgserve.deploy.config import DeployConfig
+    from dgserve.config import DeployConfig
 
     if args.config:
         path = Path(args.config)
@@ -43,7 +44,7 @@ def _deploy_config(args: RunArgs):
     return DeployConfig.from_args({
         "model": {"path": args.model, "dtype": args.dtype, "vision": args.vision},
         "replicas": {"num_replicas": args.replicas, "ep_size": args.ep_size, "num_cpus": 0.5},
-        "engine": {"kv_cache_memory": args.kv_cache_memory},
+        "engine": {"kv_cache_memory": args.kv_cache_memory},  # None: the engine's default size
         "http": {"host": args.host, "port": args.port},
     })
 
@@ -96,7 +97,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", help="an existing Ray cluster (ray://... or HOST:PORT); default: start one")
     p.add_argument("--config", help="a deploy config YAML (overrides the flags above)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--kv-cache-memory", type=int, default=512 << 20, help="KV cache bytes per replica")
+    p.add_argument("--kv-cache-memory", type=int, default=None,
+                   help="KV cache bytes per replica (default: what max_running sequences at the model's full context "
+                        "need, at most half of the free memory)")
     p.add_argument("--vision", default="auto", choices=["auto", "off"],
                    help="auto: load the checkpoint's vision tower (if any) and accept images; off: text only")
     p.set_defaults(handler=lambda ns: run(RunArgs(**ns)))

@@ -1,13 +1,14 @@
 """The Ray Serve config file that ``dgserve build`` writes and ``serve deploy`` / KubeRay's ``serveConfigV2`` accept.
 
 One ``DeployConfig`` becomes one Serve application: ``import_path`` names ``app_builder`` and ``args`` carries the
-whole config, so the code sees every setting; the ``deployments`` overrides repeat the few settings that Serve
-itself acts on (replica counts or autoscaling bounds, resources, queue limits), so operators see and edit them
-where Serve looks. The Helm chart's ``serveConfigV2`` template renders the same document from the same fields.
+whole config. ``dgserve build`` adds the ``deployments`` options that ``app_builder`` applies in code
+(``dgserve.routing.app.deployment_options``), so operators see them where Serve looks; the Helm chart's
+``serveConfigV2`` is the same application without them (Serve then takes them from ``app_builder``).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import tempfile
@@ -18,10 +19,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from dgserve.deploy.config import APP_IMPORT_PATH, DeployConfig
-
-INGRESS_DEPLOYMENT = "Ingress"
-MODEL_DEPLOYMENT = "ModelReplica"
+from dgserve.config import DeployConfig
 
 
 class ConfigFileError(ValueError):
@@ -65,7 +63,7 @@ def describe_validation_error(exc: ValidationError) -> str:
     loc = ".".join(str(x) for x in first["loc"]) or "(top level)"
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        msg = "unknown field (check the spelling; see DeployConfig in dgserve/deploy/config.py)"
+        msg = "unknown field (check the spelling; see DeployConfig in dgserve/config.py)"
     elif first["type"] != "missing" and "input" in first and not isinstance(first["input"], dict | list):
         msg = f"{msg} (got {first['input']!r})"
     more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
@@ -101,47 +99,24 @@ def load_deploy_config(paths: str | Path | Sequence[str | Path]) -> DeployConfig
         raise ConfigFileError(f"{names}: {describe_validation_error(exc)}") from None
 
 
-def deployment_overrides(config: DeployConfig) -> list[dict[str, Any]]:
-    """The per-deployment options Serve acts on at deploy time, as ``app_builder`` sets them in code (Serve's
-    counts are replicas: one per EP rank). Mirrored by ``helm/dgserve/templates/_serve.tpl``.
+def build_serve_config(config: DeployConfig, *, with_options: bool = True) -> dict[str, Any]:
+    """The Serve config (``ServeDeploySchema`` layout) for one dgserve application; ``with_options=False`` leaves
+    out the ``deployments`` options (the Helm chart's form: Serve takes them from ``app_builder``)."""
+    from dgserve.routing.app import APP_IMPORT_PATH, deployment_options
 
-    A config file's ``autoscaling_config`` replaces the code's whole one, so it names dgserve's throughput
-    policy (``dgserve.routing.autoscaling.autoscaling_config`` builds both).
-    """
-    from dgserve.routing.autoscaling import autoscaling_config
-
-    r = config.replicas
-    model: dict[str, Any] = {"name": MODEL_DEPLOYMENT}
-    if r.autoscaling is None:
-        model["num_replicas"] = r.num_replicas * r.ep_size
-    else:
-        model["autoscaling_config"] = autoscaling_config(r.autoscaling, gang_size=r.ep_size)
-    model["max_ongoing_requests"] = r.max_ongoing_requests
-    model["health_check_period_s"] = r.health_check_period_s
-    model["ray_actor_options"] = {"num_cpus": r.num_cpus, "num_gpus": r.num_gpus}
-    return [model]
-
-
-def build_serve_config(config: DeployConfig) -> dict[str, Any]:
-    """The Serve config (``ServeDeploySchema`` layout) for one dgserve application."""
-    return {
-        "http_options": {"host": config.http.host, "port": config.http.port},
-        "applications": [{
-            "name": config.name,
-            "route_prefix": config.route_prefix,
-            "import_path": APP_IMPORT_PATH,
-            "args": config.serve_args(),
-            "deployments": deployment_overrides(config),
-        }],
-    }
+    app: dict[str, Any] = {"name": config.name, "route_prefix": config.route_prefix, "import_path": APP_IMPORT_PATH,
+                           "args": config.serve_args()}
+    if with_options:
+        app["deployments"] = [{"name": name, **opts} for name, opts in deployment_options(config).items()]
+    return {"http_options": {"host": config.http.host, "port": config.http.port}, "applications": [app]}
 
 
 def validate_serve_config(data: dict[str, Any], source: str = "serve config") -> Any:
     """Parse with Ray's own ``ServeDeploySchema`` (what ``serve deploy`` and the dashboard accept)."""
     from ray.serve.schema import ServeDeploySchema
 
-    try:
-        return ServeDeploySchema.model_validate(data)
+    try:  # on a copy: Ray's validators replace nested dicts (gang_scheduling_config) with objects in place
+        return ServeDeploySchema.model_validate(copy.deepcopy(data))
     except ValidationError as exc:
         raise ConfigFileError(f"{source}: not a valid Ray Serve config: {describe_validation_error(exc)}") from None
 

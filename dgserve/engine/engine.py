@@ -3,44 +3,45 @@
 Every ``step()`` runs ONE packed forward holding canvases of many requests, each at its own denoising
 step, plus prefill chunks and commits of finished canvases; requests are admitted and retired at
 every step. KV lives in a paged pool with a prefix cache; sampling uses each request's own generator,
-so a seeded request's tokens do not depend on its batch-mates. ``AsyncEngine`` drives ``step()`` from a
-worker thread and streams events to asyncio consumers.
+so a seeded request's tokens do not depend on its batch-mates. ``dgserve.engine.loop.AsyncEngine`` drives
+``step()`` from a worker thread and streams events to asyncio consumers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
-import contextlib
-import itertools
 import logging
 import math
-import queue
-import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from dgserve.engine import fast_step
+from dgserve.engine.kv_budget import default_kv_budget
 from dgserve.engine.kv_pages import BlockTable, KVPagePool, PagedKV
 from dgserve.engine.prefix_cache import PrefixCache
 from dgserve.engine.prompt_images import check_images, chunk_end, cut_points, key_ids, spans_in
 from dgserve.engine.request import (
     CanvasEvent,
     DraftEvent,
+    EngineOverloaded,
     Event,
     FinalEvent,
     FinishReason,
     GenerationRequest,
+    InvalidRequest,
     PromptImage,
+    PromptTooLong,
     RequestStats,
 )
+from dgserve.engine.runner import FastRunner, Row
 from dgserve.engine.sampler import StabilityTracker, denoise_step, first_eos, random_canvas
 from dgserve.engine.sampling_noise import NoisePrefetcher
-from dgserve.engine.scheduler import SchedulerLimits, SeqView, StepPlan, schedule
+from dgserve.engine.scheduler import SchedulerLimits, SeqView, StepPlan, Work, schedule
 from dgserve.engine.single import make_generator
 from dgserve.model.checkpoint import GenerationDefaults
 from dgserve.model.diffusion_gemma import DiffusionGemma
@@ -53,7 +54,9 @@ log = logging.getLogger(__name__)
 class EngineConfig(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
-    kv_cache_memory: int | None = Field(None, gt=0)  # bytes; None: kv_cache_fraction of free device memory
+    # bytes; None: enough for max_running sequences at full context, at most kv_cache_fraction of the free
+    # device memory (dgserve.engine.kv_budget)
+    kv_cache_memory: int | None = Field(None, gt=0)
     kv_cache_fraction: float = Field(0.5, gt=0.0, le=0.95)
     block_size: int = Field(16, ge=1)
     max_step_tokens: int = Field(8192, ge=1)
@@ -65,12 +68,15 @@ class EngineConfig(BaseModel):
     # the forward runs, up to this many bytes in flight (0: off); same random stream, same tokens
     # (dgserve.engine.sampling_noise). A fixed bound: peak memory still does not grow with batch x vocab.
     sampling_noise_prefetch_bytes: int = Field(64 << 20, ge=0)
-
-
-class EngineOverloaded(RuntimeError):
-    def __init__(self, waiting: int) -> None:
-        super().__init__(f"engine queue is full ({waiting} waiting)")
-        self.waiting = waiting
+    # "exact": bit-identical to the reference on CPU fp32 and batch-invariant (the oracle); "fast": static-shape
+    # rows, one attention call per layer, no host syncs, counter-based sampling (see README); "auto": fast on
+    # CUDA, exact elsewhere
+    execution: Literal["auto", "exact", "fast"] = "auto"
+    # fast mode: torch.compile each layer type's forward (None: on CUDA only) with this backend
+    compile: bool | None = None
+    compile_backend: str = "inductor"
+    # fast mode on CUDA: capture each step bucket in a CUDA graph (None: on)
+    cuda_graphs: bool | None = None
 
 
 @dataclass
@@ -98,6 +104,8 @@ class _Seq:
     decoder: object | None = None
     prompt_len: int = 0
     noise: concurrent.futures.Future | None = None  # the next step's sampling noise, being drawn from gen
+    seed: int = 0  # fast mode: the counter-based randomness' seed
+    canvas_started: bool = False  # fast mode: the current canvas has taken at least one step
     prompt_keys: list[int] = field(default_factory=list)  # the prompt as the prefix cache hashes it (images in)
 
     def next_boundary(self, chunk: int, canvas: int) -> int:
@@ -132,21 +140,28 @@ class Engine:
         cfg = model.config
         self.canvas = cfg.canvas_length
         self.vocab = cfg.text.vocab_size
-        budget = self.config.kv_cache_memory or _free_memory_budget(model.device, self.config.kv_cache_fraction)
+        self.execution = resolve_execution(self.config.execution, model.device)
+        fast = self.execution == "fast"
+        # fast mode runs every piece of work as a row of at most one canvas: prompts prefill canvas by canvas
+        self.prefill_chunk = min(self.config.prefill_chunk, self.canvas) if fast else self.config.prefill_chunk
+        # a prefill chunk ends after an image it would cut, so it may be one image longer than prefill_chunk
+        longest_chunk = self.prefill_chunk + (vision.spec.processor.max_soft_tokens if vision else 0)
+        budget = self.config.kv_cache_memory or default_kv_budget(
+            cfg, max_running=self.config.max_running, block_size=self.config.block_size,
+            prefill_chunk=longest_chunk, fraction=self.config.kv_cache_fraction, dtype=model.dtype,
+            device=model.device)
         self.pool = KVPagePool.from_budget(cfg, budget, block_size=self.config.block_size, dtype=model.dtype,
                                            device=model.device, max_seqs=self.config.max_running,
-                                           max_chunk=self.config.prefill_chunk)
+                                           max_chunk=longest_chunk, scratch_tokens=self.canvas if fast else 0)
         self.prefix_cache = PrefixCache(self.pool) if self.config.enable_prefix_cache else None
-        # a prefill chunk ends after an image it would cut, so it may be one image longer than prefill_chunk
-        longest_chunk = self.config.prefill_chunk + (vision.spec.processor.max_soft_tokens if vision else 0)
         self.limits = SchedulerLimits(max_step_tokens=max(self.config.max_step_tokens, self.canvas, longest_chunk),
                                       max_running=self.config.max_running, canvas=self.canvas,
-                                      prefill_chunk=self.config.prefill_chunk)
+                                      prefill_chunk=self.prefill_chunk)
         # the vision encoder's work per image in the step budget's unit (text tokens), by parameter count: each
         # image runs over the processor's max_patches (padded as the reference does)
         self._vision_cost = 0.0 if vision is None else (
             vision.spec.processor.max_patches * sum(p.numel() for p in vision.tower.parameters())
-            / model.config.parameter_counts()["active"])
+            / cfg.parameter_counts()["active"])
         self.vision_images = 0
         self.vision_runs = 0
         self.vision_seconds = 0.0
@@ -164,24 +179,34 @@ class Engine:
         # test/diagnostic hook: called with (request_id, step, final hidden states [C, H]) of every denoise
         self.on_denoise = None
         prefetch = self.config.sampling_noise_prefetch_bytes
-        self._noise = NoisePrefetcher(prefetch) if prefetch and model.device.type == "cpu" else None
+        self._noise = NoisePrefetcher(prefetch) if prefetch and model.device.type == "cpu" and not fast else None
+        self.runner: FastRunner | None = None
+        if fast:
+            on_cuda = model.device.type == "cuda"
+            compile_layers = self.config.compile if self.config.compile is not None else on_cuda
+            graphs = self.config.cuda_graphs if self.config.cuda_graphs is not None else on_cuda
+            self.runner = FastRunner(model, self.pool, len(self._free_slots), compile=compile_layers,
+                                     compile_backend=self.config.compile_backend, cuda_graphs=graphs)
 
     # -- requests ---------------------------------------------------------------------------------
     def check_request(self, req: GenerationRequest) -> None:
-        """Raise ValueError (bad request) or EngineOverloaded (queue full); reads state only."""
+        """Raise InvalidRequest / PromptTooLong (bad request) or EngineOverloaded (queue full); reads state only."""
         if not req.prompt_ids:
-            raise ValueError("the prompt must contain at least one token")
+            raise InvalidRequest("the prompt must contain at least one token")
         if req.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
+            raise InvalidRequest("max_tokens must be at least 1")
         if any(not 0 <= t < self.vocab for t in req.prompt_ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab})")
+            raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab})")
         if req.images and self.vision is None:
-            raise ValueError("the prompt has images but this engine runs the text model only (the vision tower "
-                             "is not loaded: vision: off, or a checkpoint without one)")
-        check_images(req.prompt_ids, req.images, self.model.config.image_token_id)
+            raise InvalidRequest("the prompt has images but this engine runs the text model only (the vision tower "
+                                 "is not loaded: vision: off, or a checkpoint without one)")
+        try:
+            check_images(req.prompt_ids, req.images, self.model.config.image_token_id)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from exc
         need = self.pool.blocks_needed(len(req.prompt_ids) + len(req.committed_ids) + self.canvas).full
         if need > self.pool.num_blocks("full"):
-            raise ValueError(f"prompt of {len(req.prompt_ids)} tokens cannot fit in the KV cache "
+            raise PromptTooLong(f"prompt of {len(req.prompt_ids)} tokens cannot fit in the KV cache "
                              f"({self.pool.token_capacity()} tokens)")
         if len(self.waiting) >= self.config.max_waiting:
             raise EngineOverloaded(len(self.waiting))
@@ -189,13 +214,17 @@ class Engine:
     def add_request(self, req: GenerationRequest) -> None:
         self.check_request(req)
         if req.request_id in self.running or any(s.req.request_id == req.request_id for s in self.waiting):
-            raise ValueError(f"duplicate request id {req.request_id!r}")
+            raise InvalidRequest(f"duplicate request id {req.request_id!r}")
         gen = make_generator(req.seed, self.model.device)
-        if req.rng_state is not None:
+        seed = continued_fast_seed(req)
+        if req.rng_state is not None and seed is None:
             gen.set_state(torch.frombuffer(bytearray(req.rng_state), dtype=torch.uint8))
+        if seed is None:
+            seed = req.seed
         seq = _Seq(req=req, arrival=self._arrivals, slot=-1, tokens=[*req.prompt_ids, *req.committed_ids],
                    gen=gen, stats=RequestStats(prompt_tokens=len(req.prompt_ids), images=len(req.images)),
                    started=time.perf_counter(), prompt_len=len(req.prompt_ids),
+                   seed=seed if seed is not None else int(torch.randint(0, 1 << 62, (1,), generator=gen)),
                    prompt_keys=key_ids(req.prompt_ids, req.images))
         if self.tokenizer is not None:
             seq.decoder = self.tokenizer.incremental_decoder()
@@ -217,6 +246,12 @@ class Engine:
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+    def fail_all(self, error: str) -> list[FinalEvent]:
+        """End every waiting and running request with an error event and free its pages (after a failed step)."""
+        seqs = [*self.running.values(), *self.waiting]
+        self.waiting.clear()
+        return [self._finish(s, "error", error) for s in seqs]
 
     # -- one step ---------------------------------------------------------------------------------
     def plan(self) -> StepPlan:
@@ -245,16 +280,52 @@ class Engine:
         if not ready:
             self.step_index += 1
             return events
-        tokens, segments, softs, seqs = [], [], [], []
+        seqs = [(w, self.running[w.request_id]) for w in ready]
+        with torch.inference_mode():
+            if self.runner is not None:
+                # prefill chunks holding images take the exact packed forward (whole images, their features and
+                # mask); everything else the fast runner's rows
+                imaged = [(w, s) for w, s in seqs
+                          if w.kind == "prefill" and s.next_images(self.prefill_chunk, self.canvas)]
+                if imaged:
+                    events.extend(self._forward_exact(imaged))
+                rest = [(w, s) for w, s in seqs if all(s is not t for _, t in imaged)]
+                if rest:
+                    events.extend(self._forward_fast(rest))
+            else:
+                events.extend(self._forward_exact(seqs))
+        self.step_index += 1
+        return events
+
+    def _encode_images(self, prefilling: list[_Seq]) -> dict[int, torch.Tensor]:
+        """Run the vision tower once over every image of this step's prefill chunks (one batch across requests);
+        returns each image's features by ``id(PromptImage)``."""
+        owners = [(s, image) for s in prefilling for image in s.next_images(self.prefill_chunk, self.canvas)]
+        if not owners:
+            return {}
+        assert self.vision is not None
+        started = time.perf_counter()
+        features = self.vision.encode([image.image for _, image in owners])
+        seconds = time.perf_counter() - started
+        self.vision_images += len(owners)
+        self.vision_runs += 1
+        self.vision_seconds += seconds
+        for s, _ in owners:
+            s.stats.vision_seconds += seconds / len(owners)
+        return {id(image): f for (_, image), f in zip(owners, features, strict=True)}
+
+    def _forward_exact(self, seqs: list[tuple[Work, _Seq]]) -> list[Event]:
+        """One packed forward over variable-length segments, then each canvas sampled on its own generator."""
+        events: list[Event] = []
+        tokens, segments, softs = [], [], []
         any_soft = False
-        features = self._encode_images([self.running[w.request_id] for w in ready if w.kind == "prefill"])
+        features = self._encode_images([s for w, s in seqs if w.kind == "prefill"])
         image_embeds = []
-        for w in ready:
-            s = self.running[w.request_id]
+        for w, s in seqs:
             if w.kind == "prefill":
                 # up to the fixed boundary (a prefix-cache hit at admission may have moved cached_len)
-                ids = s.tokens[s.cached_len:s.next_boundary(self.config.prefill_chunk, self.canvas)]
-                images = s.next_images(self.config.prefill_chunk, self.canvas)
+                ids = s.tokens[s.cached_len:s.next_boundary(self.prefill_chunk, self.canvas)]
+                images = s.next_images(self.prefill_chunk, self.canvas)
                 image_embeds.extend(features.pop(id(image)) for image in images)
                 segments.append(Segment("encode", s.slot, len(ids), s.cached_len,
                                         tuple((image.start, image.end) for image in images)))
@@ -269,7 +340,6 @@ class Engine:
                 tokens.append(s.canvas.to("cpu"))
                 softs.append(s.soft)
                 any_soft |= s.soft is not None
-            seqs.append((w, s))
         device = self.model.device
         soft = None
         if any_soft:
@@ -280,50 +350,77 @@ class Engine:
         hidden = self.model(torch.cat(tokens).to(device), segments, kv, soft,
                             torch.cat(image_embeds) if image_embeds else None)
         del image_embeds  # the vision encoder's outputs are not kept after the prefill that used them
-        self.forwards += 1
-        self.canvases_in_forward.append(sum(1 for w, _ in seqs if w.kind == "denoise"))
-        self.tokens_in_forward.append(sum(seg.length for seg in segments))
+        self._count_forward(seqs)
         offset = 0
         for (w, s), seg in zip(seqs, segments, strict=True):
             if w.kind == "denoise":
                 events.extend(self._after_denoise(s, hidden[offset:offset + self.canvas]))
                 offset += self.canvas
             else:
-                # a prefix-cache hit at admission can leave fewer tokens than the planned chunk
-                self.encoder_tokens += seg.length
-                s.cached_len += seg.length
-                if self.prefix_cache is not None:
-                    self.prefix_cache.insert(s.cache_keys(s.cached_len), s.table)
-                self.pool.release_out_of_window(s.table, s.cached_len)
-                if s.cached_len >= len(s.tokens):
-                    s.phase = "denoise"
-        self.step_index += 1
+                self._after_encode(s, seg.length)
         return events
 
-    # -- internals --------------------------------------------------------------------------------
-    def _encode_images(self, prefilling: list[_Seq]) -> dict[int, torch.Tensor]:
-        """Run the vision tower once over every image of this step's prefill chunks (one batch across requests);
-        returns each image's features by ``id(PromptImage)``."""
-        owners = [(s, image) for s in prefilling for image in s.next_images(self.config.prefill_chunk, self.canvas)]
-        if not owners:
-            return {}
-        assert self.vision is not None
-        started = time.perf_counter()
-        features = self.vision.encode([image.image for _, image in owners])
-        seconds = time.perf_counter() - started
-        self.vision_images += len(owners)
-        self.vision_runs += 1
-        self.vision_seconds += seconds
-        for s, _ in owners:
-            s.stats.vision_seconds += seconds / len(owners)
-        return {id(image): f for (_, image), f in zip(owners, features, strict=True)}
+    def _forward_fast(self, seqs: list[tuple[Work, _Seq]]) -> list[Event]:
+        """One fast-path step (``dgserve.engine.runner``): every row and the sampler on the device, one copy
+        each way."""
+        assert self.runner is not None
+        rows = []
+        for w, s in seqs:
+            if w.kind == "prefill":
+                ids = s.tokens[s.cached_len:s.next_boundary(self.prefill_chunk, self.canvas)]
+                rows.append(Row(fast_step.PREFILL, s.slot, s.cached_len, s.table, len(ids), ids))
+            elif w.kind == "commit":
+                rows.append(Row(fast_step.COMMIT, s.slot, s.cached_len, s.table, self.canvas))
+            else:
+                p = s.req.sampling
+                if not s.canvas_started:
+                    s.steps = 0
+                rows.append(Row(fast_step.DENOISE, s.slot, s.cached_len, s.table, self.canvas,
+                                fresh=not s.canvas_started, cur_step=p.max_denoising_steps - s.steps, sampling=p,
+                                seed=s.seed, canvas_index=len(s.req.committed_ids) // self.canvas + s.canvas_index))
+        out = self.runner.run(rows)
+        self._count_forward(seqs)
+        events: list[Event] = []
+        for (w, s), row, result in zip(seqs, rows, out, strict=True):
+            if w.kind != "denoise":
+                s.table.mark_written(s.cached_len + row.length)
+                self._after_encode(s, row.length)
+                continue
+            s.canvas_started = True
+            s.steps += 1
+            s.last_served = self.step_index
+            finished = bool(result[fast_step.OUT_FINISHED])
+            if s.req.draft_every and s.steps % s.req.draft_every == 0 and not finished:
+                ids = result[fast_step.OUT_TOKENS:].tolist()
+                text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+                events.append(DraftEvent(s.req.request_id, ids, text, s.steps))
+            if finished:
+                s.canvas_started = False
+                events.extend(self._finish_canvas(s, result[fast_step.OUT_TOKENS:].tolist()))
+        return events
 
+    def _count_forward(self, seqs: list[tuple[Work, _Seq]]) -> None:
+        self.forwards += 1
+        self.canvases_in_forward.append(sum(1 for w, _ in seqs if w.kind == "denoise"))
+        self.tokens_in_forward.append(sum(w.length for w, _ in seqs))
+
+    def _after_encode(self, s: _Seq, length: int) -> None:
+        # a prefix-cache hit at admission can leave fewer tokens than the planned chunk
+        self.encoder_tokens += length
+        s.cached_len += length
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert(s.cache_keys(s.cached_len), s.table)
+        self.pool.release_out_of_window(s.table, s.cached_len)
+        if s.cached_len >= len(s.tokens):
+            s.phase = "denoise"
+
+    # -- internals --------------------------------------------------------------------------------
     def _view(self, s: _Seq) -> SeqView:
-        chunk = s.next_boundary(self.config.prefill_chunk, self.canvas) - s.cached_len
+        chunk = s.next_boundary(self.prefill_chunk, self.canvas) - s.cached_len
         if s.req.images:
             # the vision encoder runs in the step of the chunk holding the images: its work counts in that step's
             # budget (capped at the whole budget, so such a chunk can always run, alone if it must)
-            chunk += math.ceil(len(s.next_images(self.config.prefill_chunk, self.canvas)) * self._vision_cost)
+            chunk += math.ceil(len(s.next_images(self.prefill_chunk, self.canvas)) * self._vision_cost)
             chunk = min(chunk, self.limits.max_step_tokens)
         if s.phase == "waiting":
             need = self.pool.blocks_needed(len(s.tokens) + self.canvas).full
@@ -365,6 +462,9 @@ class Engine:
         del self.running[s.req.request_id]
         s.table, s.cached_len, s.slot = None, 0, -1
         s.phase = "waiting"
+        # fast mode: the canvas state lived in the slot; the canvas restarts (the same counter-based draws, so
+        # the same tokens as without the preemption, up to batching's rounding)
+        s.canvas_started = False
         # back to the queue in arrival order (it is older than anything that arrived after it)
         idx = next((i for i, w in enumerate(self.waiting) if w.arrival > s.arrival), len(self.waiting))
         self.waiting.insert(idx, s)
@@ -410,11 +510,10 @@ class Engine:
             text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
             events.append(DraftEvent(s.req.request_id, ids, text, s.steps))
         if stop or s.cur_step == 0:
-            events.extend(self._finish_canvas(s))
+            events.extend(self._finish_canvas(s, s.argmax.tolist()))
         return events
 
-    def _finish_canvas(self, s: _Seq) -> list[Event]:
-        committed = s.argmax.tolist()
+    def _finish_canvas(self, s: _Seq, committed: list[int]) -> list[Event]:
         s.stats.denoise_steps += s.steps
         s.stats.steps_per_canvas.append(s.steps)
         s.stats.canvases += 1
@@ -445,7 +544,9 @@ class Engine:
         if finish is None:
             s.tokens.extend(committed)
             s.phase = "commit"
-        rng = bytes(s.gen.get_state().numpy().tobytes()) if finish is None else None
+        rng = None
+        if finish is None:
+            rng = fast_rng_state(s.seed) if self.runner is not None else bytes(s.gen.get_state().numpy().tobytes())
         events: list[Event] = [CanvasEvent(s.req.request_id, new, text, s.canvas_index - 1, rng)]
         if finish is not None:
             events.append(self._finish(s, finish))
@@ -491,101 +592,25 @@ class Engine:
         return events
 
 
-def _free_memory_budget(device: torch.device, fraction: float) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * fraction)
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        avail = 4 << 30
-    return int(avail * fraction)
+FAST_RNG_TAG = b"dgserve-fast-rng:"
 
 
-class AsyncEngine:
-    """Runs ``Engine.step()`` on a worker thread; ``generate()`` streams one request's events.
+def resolve_execution(execution: str, device: torch.device) -> str:
+    """``auto`` is fast on CUDA and exact elsewhere."""
+    if execution == "auto":
+        return "fast" if device.type == "cuda" else "exact"
+    return execution
 
-    The asyncio side never waits for a step: requests and cancellations go through a thread-safe inbox
-    that the worker drains between steps.
-    """
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self._inbox: queue.SimpleQueue[tuple[str, GenerationRequest | str]] = queue.SimpleQueue()
-        self._wake = threading.Event()
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Event]]] = {}
-        self._stopped = False
-        self._counter = itertools.count(1)
-        self._thread = threading.Thread(target=self._loop, name="dgserve-engine", daemon=True)
-        self._thread.start()
+def fast_rng_state(seed: int) -> bytes:
+    """A fast-mode request's randomness at a canvas boundary: its seed (the canvas index is implied by the
+    committed tokens a continuation carries)."""
+    return FAST_RNG_TAG + seed.to_bytes(8, "little")
 
-    def _loop(self) -> None:
-        while not self._stopped:
-            events: list[Event] = []
-            while True:
-                try:
-                    kind, item = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if kind == "add":
-                    assert isinstance(item, GenerationRequest)
-                    try:
-                        self.engine.add_request(item)
-                    except (ValueError, EngineOverloaded) as exc:
-                        events.append(FinalEvent(item.request_id, "error", RequestStats(), str(exc),
-                                                 overloaded=isinstance(exc, EngineOverloaded)))
-                else:
-                    events.extend(self.engine.cancel(str(item)))
-            if self.engine.has_work():
-                try:
-                    events.extend(self.engine.step())
-                except Exception as exc:  # a failed step must not hang every request: fail them all
-                    log.exception("engine step failed")
-                    seqs = [*self.engine.running.values(), *self.engine.waiting]
-                    events.extend(self.engine._finish(s, "error", f"engine step failed: {exc}") for s in seqs)
-                    self.engine.waiting.clear()
-            elif not events:
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-            for ev in events:
-                self._deliver(ev)
 
-    def _deliver(self, ev: Event) -> None:
-        target = self._queues.get(ev.request_id)
-        if target is not None:
-            loop, q = target
-            with contextlib.suppress(RuntimeError):  # the consumer's loop may be closed
-                loop.call_soon_threadsafe(q.put_nowait, ev)
+def continued_fast_seed(req: GenerationRequest) -> int | None:
+    """The seed a fast-mode continuation (failover) must use, from the RNG state it carries."""
+    if req.rng_state is not None and req.rng_state.startswith(FAST_RNG_TAG):
+        return int.from_bytes(req.rng_state[len(FAST_RNG_TAG):], "little")
+    return None
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        """Raises ValueError / EngineOverloaded before the first event; then yields events to a FinalEvent."""
-        if not request.request_id:
-            request.request_id = f"req-{next(self._counter)}"
-        self.engine.check_request(request)
-        q: asyncio.Queue[Event] = asyncio.Queue()
-        rid = request.request_id
-        self._queues[rid] = (asyncio.get_running_loop(), q)
-        finished = False
-        try:
-            self._inbox.put(("add", request))
-            self._wake.set()
-            while True:
-                ev = await q.get()
-                yield ev
-                if isinstance(ev, FinalEvent):
-                    finished = True
-                    return
-        finally:
-            self._queues.pop(rid, None)
-            if not finished:
-                self._inbox.put(("cancel", rid))
-                self._wake.set()
-
-    def stats(self) -> dict[str, float | int]:
-        return self.engine.stats()  # plain reads; a step running concurrently makes them at most one step stale
-
-    def shutdown(self) -> None:
-        self._stopped = True
-        self._wake.set()
-        self._thread.join(timeout=10)

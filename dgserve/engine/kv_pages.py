@@ -109,6 +109,11 @@ class BlockTable:
         """Positions ``[0, num_tokens)`` are written in every layer."""
         return min(self.layer_len)
 
+    def mark_written(self, length: int) -> None:
+        """Every layer now holds positions ``[0, length)`` (the fast path writes all layers in one step)."""
+        assert length >= self.num_tokens, f"marking {length} written, below the {self.num_tokens} already written"
+        self.layer_len = [length] * self.num_layers
+
 
 class BlockEvictor(Protocol):
     """What the pool asks of a prefix cache when an allocation would otherwise fail."""
@@ -182,7 +187,7 @@ class KVPagePool:
 
     def __init__(self, config: ModelConfig, num_full_blocks: int, num_sliding_blocks: int,
                  block_size: int = 16, dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", scratch_tokens: int = 0) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if num_full_blocks < 0 or num_sliding_blocks < 0:
@@ -207,20 +212,31 @@ class KVPagePool:
             s: block_bytes(config, s, block_size, dtype) for s in ("full", "sliding")}
         self.k_pages: list[torch.Tensor] = []
         self.v_pages: list[torch.Tensor] = []
+        # Scratch blocks after each space's blocks, never allocated: the fast path writes the K/V of rows that keep
+        # none there and points masked gathers at them (zeroed, so a masked key is never NaN).
+        self.scratch_blocks = -(-scratch_tokens // block_size)
         for i, space in enumerate(self.layer_space):
-            shape = (self.allocators[space].num_blocks, block_size, t.layer_kv_heads(i), t.layer_head_dim(i))
+            shape = (self.allocators[space].num_blocks + self.scratch_blocks, block_size, t.layer_kv_heads(i),
+                     t.layer_head_dim(i))
             # Uninitialised on purpose: reads of never-written positions are caught by the block tables.
             self.k_pages.append(torch.empty(shape, dtype=dtype, device=self.device))
             self.v_pages.append(torch.empty(shape, dtype=dtype, device=self.device))
+            if self.scratch_blocks:
+                self.k_pages[-1][-self.scratch_blocks:].zero_()
+                self.v_pages[-1][-self.scratch_blocks:].zero_()
         # [num_blocks * block_size, kvh, hd] views: a token's slot is block * block_size + offset.
         self.k_flat = [p.view(-1, *p.shape[2:]) for p in self.k_pages]
         self.v_flat = [p.view(-1, *p.shape[2:]) for p in self.v_pages]
         self.evictor: BlockEvictor | None = None
 
+    def scratch_slot(self, space: Space) -> int:
+        """The first scratch slot of ``space`` (``scratch_tokens`` consecutive slots from there)."""
+        return self.allocators[space].num_blocks * self.block_size
+
     @classmethod
     def from_budget(cls, config: ModelConfig, budget_bytes: int, block_size: int = 16,
                     dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-                    max_seqs: int = 64, max_chunk: int | None = None) -> KVPagePool:
+                    max_seqs: int = 64, max_chunk: int | None = None, scratch_tokens: int = 0) -> KVPagePool:
         """Split ``budget_bytes`` between the two spaces.
 
         The sliding space gets enough blocks for ``max_seqs`` sequences each holding a window plus one
@@ -228,7 +244,8 @@ class KVPagePool:
         budget; the full space gets the rest. Raises ValueError when the budget cannot hold one sequence.
         """
         split = split_budget(config, budget_bytes, block_size, dtype, max_seqs, max_chunk)
-        return cls(config, split.full, split.sliding, block_size=block_size, dtype=dtype, device=device)
+        return cls(config, split.full, split.sliding, block_size=block_size, dtype=dtype, device=device,
+                   scratch_tokens=scratch_tokens)
 
     # -- accounting --
     def block_bytes(self, space: Space) -> int:

@@ -30,6 +30,22 @@ class PromptImage:
         return self.start + self.image.num_soft_tokens
 
 
+class InvalidRequest(ValueError):
+    """The engine refuses the request as given (the caller's fault: a 400, never retried elsewhere)."""
+
+
+class PromptTooLong(InvalidRequest):
+    """The prompt, with its committed tokens and one canvas, cannot fit in the KV cache."""
+
+
+class EngineOverloaded(RuntimeError):
+    """The engine (or the deployment in front of it) cannot queue the request now; retry later (a 429)."""
+
+    def __init__(self, waiting: int | None = None, message: str | None = None) -> None:
+        super().__init__(message or f"engine queue is full ({waiting} waiting)")
+        self.waiting = waiting
+
+
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]

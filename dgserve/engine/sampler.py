@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dgserve.engine.denoising import EntropyBound
 from dgserve.engine.sampling_noise import sample_with_noise
 from dgserve.model.diffusion_gemma import DiffusionGemma
 from dgserve.model.generation_config import SamplingParams
@@ -23,6 +24,7 @@ from dgserve.model.generation_config import SamplingParams
 # Rows of logits per chunk are chosen so one chunk's vocabulary-sized temporaries (logits, probs,
 # entropy terms, the multinomial's exponential draws) stay around this many fp32 elements.
 CHUNK_ELEMENTS = 1 << 22
+ENTROPY_BOUND = EntropyBound()
 
 
 def default_chunk_rows(vocab: int) -> int:
@@ -93,9 +95,7 @@ def accept_and_renoise(canvas: torch.Tensor, sample: torch.Tensor, entropy: torc
                        vocab: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Entropy-bound acceptance: take the k lowest-entropy tokens with sum(H) - max(H) <= bound;
     renoise every other position with a uniform random token. Returns (next canvas, accepted mask)."""
-    sorted_entropy, order = torch.sort(entropy, dim=-1, descending=False)
-    selected = torch.cumsum(sorted_entropy, dim=-1) - sorted_entropy <= entropy_bound
-    accepted = torch.zeros_like(selected).scatter(-1, order, selected)
+    accepted = ENTROPY_BOUND.accept(entropy, entropy_bound)
     kept = torch.where(accepted, sample, canvas)
     noise = random_canvas(canvas.shape[0], vocab, gen, canvas.device)
     return torch.where(accepted, kept, noise), accepted
@@ -113,23 +113,24 @@ def denoise_step(model: DiffusionGemma, hidden: torch.Tensor, canvas: torch.Tens
 
 
 class StabilityTracker:
-    """Adaptive stopping: the argmax canvas equals each of the last ``stability_threshold`` argmax
-    canvases and the mean entropy is below ``confidence_threshold``."""
+    """Adaptive stopping for one canvas (the algorithm's ``stable_run`` / ``stop`` on the host's side of the
+    exact path): the argmax canvas equals each of the last ``stability_threshold`` argmax canvases and the
+    mean entropy is below ``confidence_threshold``."""
 
     def __init__(self, params: SamplingParams) -> None:
-        self.threshold = params.stability_threshold
-        self.confidence = params.confidence_threshold
-        self.history: list[torch.Tensor] = []
+        enabled = params.stability_threshold is not None and params.confidence_threshold is not None
+        self.threshold = torch.tensor(params.stability_threshold if enabled else -1)
+        self.confidence = torch.tensor(params.confidence_threshold if enabled else 0.0)
+        self.run = torch.tensor(0)
+        self.previous: torch.Tensor | None = None
 
     def update(self, argmax: torch.Tensor, entropy: torch.Tensor) -> bool:
-        if self.threshold is None or self.confidence is None:
+        if self.threshold < 0:
             return False
-        if self.threshold == 0:
-            stable = True
-        else:
-            stable = len(self.history) == self.threshold and all(bool((h == argmax).all()) for h in self.history)
-            self.history = [*self.history, argmax][-self.threshold:]
-        return stable and bool(torch.mean(entropy, dim=-1) < self.confidence)
+        if self.previous is not None:
+            self.run = ENTROPY_BOUND.stable_run(argmax.cpu(), self.previous, self.run, torch.tensor(True))
+        self.previous = argmax.cpu()
+        return bool(ENTROPY_BOUND.stop(self.run, entropy.cpu(), self.threshold, self.confidence))
 
 
 def first_eos(tokens: list[int], eos_ids: tuple[int, ...]) -> int | None:

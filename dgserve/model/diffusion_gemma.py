@@ -4,16 +4,23 @@
 - denoise segments (canvases): bidirectional over the canvas + read-only cached prefix, with the
   self-conditioning MLP on the input embeddings; their final hidden states feed the tied LM head.
 
-The LM head is applied separately (``logits``) so callers can work through canvases in chunks and
-never hold a ``[batch x canvas, vocab]`` tensor.
+Two execution paths over the same modules: ``forward`` (exact mode: packed segments of any length, a Python
+loop over segments in attention, bit-identical to the reference on CPU) and ``forward_canvases`` (fast mode:
+``[S, C]`` rows of static shape, one attention call per layer, no host synchronisation; see
+``dgserve.model.canvas_batch``). The LM head is applied separately (``logits``) so callers can work through
+canvases in chunks and never hold a ``[batch x canvas, vocab]`` tensor. Neither path turns on
+``torch.inference_mode`` itself: the engine does, the training loop does not.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from dgserve.model.batch_invariance import short_row_limit
+from dgserve.model.canvas_batch import CanvasBatch
 from dgserve.model.config import ModelConfig
 from dgserve.model.kv import KVView, Segment
 from dgserve.model.layers import (
@@ -47,6 +54,41 @@ class DiffusionGemma(nn.Module):
             "full_attention": rope_inv_freq(t.global_head_dim, t.rope_full),
         }
         self._packed_shapes = frozenset(self.packed_linear_shapes())
+        self._inv_freq_on: dict[torch.device, dict[str, torch.Tensor]] = {}  # device copies, made once
+        self._embed_scale_values: dict[torch.dtype, float] = {}
+        # the fast path's per-layer forward; FastRunner puts a torch.compile'd one here (one graph per layer type)
+        self.compiled_layer_rows: Callable[..., torch.Tensor] | None = None
+        # built for inference: no autograd graph unless training asks (dgserve.train.forward.enable_training)
+        self.requires_grad_(False)
+
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> DiffusionGemma:
+        super().to_empty(device=device, recurse=recurse)
+        self.reset_expert_counts()  # counters are not in the checkpoint: start them at zero, not at garbage
+        return self
+
+    def reset_expert_counts(self) -> None:
+        for layer in self.layers:
+            layer.experts.routed.zero_()
+
+    def drain_expert_counts(self) -> dict[int, list[int]]:
+        """Rows routed to each of this model's experts, per layer, since the previous drain (for metrics; reads
+        the device counters, so call it off the hot path)."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            snapshot = layer.experts.routed.clone()
+            layer.experts.routed.sub_(snapshot)  # what a concurrent forward adds meanwhile is kept
+            counts = snapshot.tolist()
+            if any(counts):
+                out[i] = counts
+        return out
+
+    def inv_freq(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """RoPE inverse frequencies per layer type on ``device`` (fp32, copied there once)."""
+        tables = self._inv_freq_on.get(device)
+        if tables is None:
+            tables = {name: inv.to(device) for name, inv in self._inv_freq.items()}
+            self._inv_freq_on[device] = tables
+        return tables
 
     def packed_linear_shapes(self) -> set[tuple[int, int]]:
         """``(in, out)`` of every linear layer a prompt's rows go through in a packed matmul (attention, dense
@@ -68,7 +110,6 @@ class DiffusionGemma(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(tokens) * self.embed_scale(self.dtype)
 
-    @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, segments: list[Segment], kv: KVView,
                 soft: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Run one packed batch.
@@ -130,7 +171,7 @@ class DiffusionGemma(nn.Module):
         kinds = {s.kind for s in segments}
         if "denoise" in kinds:
             x[is_denoise] = self.self_conditioning(x[is_denoise], soft)
-        rope = {name: rope_cos_sin(positions, inv, x.dtype) for name, inv in self._inv_freq.items()}
+        rope = {name: rope_cos_sin(positions, inv, x.dtype) for name, inv in self.inv_freq(device).items()}
         ctx = ForwardContext(segments=segments, kv=kv, positions=positions, rope=rope, dispatcher=self.dispatcher)
         for layer in self.layers:
             if kinds == {"denoise"}:
@@ -144,7 +185,35 @@ class DiffusionGemma(nn.Module):
             return x.new_empty(0, x.shape[1])
         return self.norm(x[is_denoise])
 
-    @torch.inference_mode()
+    def forward_canvases(self, batch: CanvasBatch, k_pages: list[torch.Tensor], v_pages: list[torch.Tensor]
+                         ) -> torch.Tensor:
+        """The fast path: ``[S, C]`` rows (``dgserve.model.canvas_batch``) over the paged KV ``k_pages[layer]`` /
+        ``v_pages[layer]`` (``[slots, kv_heads, head_dim]`` each). Returns the final-normed hidden states of
+        every row ``[S, C, H]`` (the caller reads the denoise rows). Encode rows write their K/V; nothing
+        reads a tensor's value on the host."""
+        x = self.embed_tokens(batch.tokens) * self.embed_scale_value()  # [S, C, H]
+        denoise = batch.denoise[:, None, None]  # [S, 1, 1]
+        # self-conditioning on every row (zeros for rows without a previous step: exactly the plain embedding)
+        x = torch.where(denoise, self.self_conditioning(x, batch.soft), x)
+        flat = batch.positions.reshape(-1)
+        rope = {name: rope_cos_sin(flat, inv, x.dtype) for name, inv in self.inv_freq(x.device).items()}
+        collective = self.dispatcher.collective
+        for i, layer in enumerate(self.layers):
+            kind = layer.self_attn.layer_type
+            cos, sin = rope[kind]
+            scalar = torch.where(denoise, layer.layer_scalar, layer.encoder_layer_scalar)
+            forward = self.compiled_layer_rows or TransformerLayer.forward_rows
+            x = forward(layer, x, cos, sin, batch.layouts[kind], k_pages[i], v_pages[i], scalar, self.dispatcher,
+                        i if collective else -1)
+        return self.norm(x)
+
+    def embed_scale_value(self) -> float:
+        """``embed_scale`` as a Python number (the same rounded value; no tensor built per call)."""
+        value = self._embed_scale_values.get(self.dtype)
+        if value is None:
+            value = self._embed_scale_values[self.dtype] = float(self.embed_scale(self.dtype))
+        return value
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied LM head + final softcapping, in fp32: ``[n, H] -> [n, V]``."""
         out = torch.nn.functional.linear(hidden, self.embed_tokens.weight).float()
@@ -153,7 +222,6 @@ class DiffusionGemma(nn.Module):
             out = torch.tanh(out / cap) * cap
         return out
 
-    @torch.inference_mode()
     def soft_embeddings(self, probs: torch.Tensor) -> torch.Tensor:
         """Self-conditioning input: ``softmax(previous logits) @ E x sqrt(H)``, ``[n, V] fp32 -> [n, H]``."""
         w = self.embed_tokens.weight

@@ -1,10 +1,10 @@
 """Expert-parallel MoE dispatch over a ``torch.distributed`` process group.
 
-``ExpertParallelDispatcher`` implements :class:`dgserve.model.moe.MoEDispatcher`: each (token, k)
-row goes to a rank holding its expert (an explicit :class:`ExpertPlacement`), is computed there
-grouped by local expert, comes back, and is combined with the router weights in fp32. Per call and
-layer: an ``all_to_all_single`` of per-(rank, local expert) counts, one of the rows and one of their
-segment tags, one back.
+``ExpertParallelDispatcher`` implements :class:`dgserve.model.moe.MoEDispatcher`: ``dispatch`` sends each
+(token, k) row to a rank holding its expert (an explicit :class:`ExpertPlacement`), where the rows are
+computed grouped by local expert; ``combine`` brings them back and combines them with the router weights in
+fp32. Per layer: an ``all_to_all_single`` of per-(rank, local expert) counts, one of the rows (and, on CPU,
+one of their segment tags), one back.
 Every rank must call it for every layer of every forward, also with zero tokens (mismatched
 collectives hang or time out). It also records routing counts, per-rank load and timings.
 """
@@ -19,7 +19,15 @@ import torch
 import torch.distributed as dist
 
 from dgserve.model.batch_invariance import segment_runs_pay_off
-from dgserve.model.moe import ExpertWeights, expert_runs, grouped_expert_mlp, segment_of_rows, solo_sort_order
+from dgserve.model.moe import (
+    DispatcherBase,
+    ExpertBatch,
+    ExpertWeights,
+    combine_rows,
+    expert_counts,
+    segment_of_rows,
+    solo_sort_order,
+)
 from dgserve.model.placement import ExpertPlacement
 
 log = logging.getLogger(__name__)
@@ -50,7 +58,18 @@ class EPGroupStats:
         return float((loads.max(1).values[ok] / mean[ok]).mean())
 
 
-class ExpertParallelDispatcher:
+@dataclass
+class _EPContext:
+    perm: torch.Tensor  # [T*K]: sent row j is (token, k) row perm[j]
+    order: torch.Tensor  # received rows in expert order: computed row j is received row order[j]
+    send_splits: list[int]
+    recv_splits: list[int]
+    top_k_weights: torch.Tensor
+    dtype: torch.dtype
+    dispatched_at: float
+
+
+class ExpertParallelDispatcher(DispatcherBase):
     """MoE dispatch across the ranks of an EP group (see the module docstring).
 
     ``placement`` must be the same on every rank; this rank's model holds exactly
@@ -64,15 +83,17 @@ class ExpertParallelDispatcher:
 
     def __init__(self, placement: ExpertPlacement, rank: int, num_layers: int,
                  group: dist.ProcessGroup | None = None, device: torch.device | str = "cpu",
-                 timing: bool = True) -> None:
+                 timing: bool = False, segment_runs: bool = True) -> None:
         self.placement = placement
         self.rank = rank
         self.world = placement.world_size
         self.group = group
         self.device = torch.device(device)
         self.num_layers = num_layers
-        # timing on CUDA synchronises the stream around each phase (accurate, slightly slower)
+        # phase timings on CUDA synchronise the stream six times per layer: only for benchmarks that ask
         self.timing = timing
+        # CPU exact mode: each segment's rows of an expert in a matmul of their own (see LocalDispatcher)
+        self.segment_runs = segment_runs
         if group is not None or dist.is_initialized():
             actual = dist.get_world_size(group)
             if actual != self.world:
@@ -101,8 +122,9 @@ class ExpertParallelDispatcher:
         self.reset_stats()
 
     # -- the MoEDispatcher interface --------------------------------------------------------------
-    def __call__(self, layer: int, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                 experts: ExpertWeights, segment_lengths: list[int] | None = None) -> torch.Tensor:
+    def dispatch(self, layer: int, x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                 experts: ExpertWeights, segment_lengths: list[int] | None = None
+                 ) -> tuple[ExpertBatch, _EPContext]:
         assert experts.expert_ids == self.owned, (
             f"rank {self.rank} layer {layer} holds experts {experts.expert_ids}, placement says {self.owned}")
         w, lmax = self.world, self.max_local
@@ -113,7 +135,7 @@ class ExpertParallelDispatcher:
         token = torch.arange(num_tokens, device=x.device).repeat_interleave(k)  # [T*K]
         # on CPU, rows carry their segment so that each segment's rows of an expert get a matmul of their own
         # (batch invariance, see segment_runs_pay_off); the same choice on every rank of a group
-        invariant = segment_runs_pay_off(x.device)
+        invariant = self.segment_runs and segment_runs_pay_off(x.device)
         lengths = segment_lengths if segment_lengths is not None else [num_tokens]
         tag = segment_of_rows(lengths, k, x.device) if invariant else None  # [T*K]
         copies = self._copies[flat_expert]
@@ -129,9 +151,9 @@ class ExpertParallelDispatcher:
         else:  # within a bucket: segment by segment, each in the order of a dispatch of that segment alone
             base = solo_sort_order(flat_expert, lengths, k)
             perm = base.index_select(0, torch.argsort(key.index_select(0, base), stable=True))
-        send_counts = torch.bincount(key, minlength=w * lmax)  # [W*Lmax]
+        send_counts = expert_counts(key, w * lmax)  # [W*Lmax]
         recv_counts = torch.empty_like(send_counts)
-        self._routed[layer] += torch.bincount(flat_expert, minlength=self.placement.num_experts).to(self._routed)
+        self._routed[layer] += expert_counts(flat_expert, self.placement.num_experts)
         t1 = self._now()
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         send_splits = send_counts.view(w, lmax).sum(1).tolist()
@@ -149,34 +171,36 @@ class ExpertParallelDispatcher:
         # do not depend on the rows other segments or other ranks send along (batch invariance)
         local_of_row = torch.arange(lmax, device=x.device).repeat(w).repeat_interleave(recv_counts)
         order = torch.argsort(local_of_row, stable=True)
-        y = torch.empty_like(recv_x)
-        if order.numel() and tag is None:
-            y[order] = grouped_expert_mlp(recv_x.index_select(0, order), recv_matrix.sum(0)[:len(self.owned)], experts)
-        elif order.numel():
+        runs = None
+        if order.numel() and tag is not None:
             source_of_row = torch.arange(w, device=x.device).repeat_interleave(lmax).repeat_interleave(recv_counts)
             num_tags = int(recv_tag.max()) + 1
             run_key = ((local_of_row * w + source_of_row) * num_tags + recv_tag).index_select(0, order)
             run_ids, run_counts = torch.unique_consecutive(run_key, return_counts=True)
             runs = list(zip((run_ids // (w * num_tags)).tolist(), run_counts.tolist(), strict=True))
-            y[order] = expert_runs(recv_x.index_select(0, order), runs, experts)
-        t3 = self._now()
-        back = x.new_empty(num_tokens * k, hidden)
-        dist.all_to_all_single(back, y, send_splits, recv_splits, group=self.group)
-        t4 = self._now()
-        weighted = back * top_k_weights.reshape(-1).index_select(0, perm).unsqueeze(-1)  # fp32
-        rows = torch.empty_like(weighted)
-        rows[perm] = weighted
-        out = rows.view(num_tokens, k, hidden).float().sum(dim=1).to(x.dtype)
-        t5 = self._now()
+        batch = ExpertBatch(recv_x.index_select(0, order), recv_matrix.sum(0)[:len(self.owned)], runs)
         self._rank_rows[layer] += int(recv_x.shape[0])
-        self.a2a_seconds += (t2 - t1) + (t4 - t3)
-        self.expert_seconds += t3 - t2
-        self.other_seconds += (t1 - t0) + (t5 - t4)
-        self.calls += 1
         remote_out = sum(n for r, n in enumerate(send_splits) if r != self.rank)
         remote_in = sum(n for r, n in enumerate(recv_splits) if r != self.rank)
         self.rows_sent_remote += remote_out
         self.bytes_sent += (remote_out + remote_in) * hidden * x.element_size()  # dispatch out + combine out
+        self.a2a_seconds += t2 - t1
+        self.other_seconds += t1 - t0
+        ctx = _EPContext(perm, order, send_splits, recv_splits, top_k_weights, x.dtype, self._now())
+        return batch, ctx
+
+    def combine(self, layer: int, y: torch.Tensor, ctx: _EPContext) -> torch.Tensor:
+        t3 = self._now()
+        self.expert_seconds += t3 - ctx.dispatched_at
+        grouped = torch.empty_like(y)
+        grouped[ctx.order] = y  # back to the received (source-major) order
+        back = y.new_empty(ctx.perm.shape[0], y.shape[1])
+        dist.all_to_all_single(back, grouped, ctx.send_splits, ctx.recv_splits, group=self.group)
+        t4 = self._now()
+        out = combine_rows(back, ctx.perm, ctx.top_k_weights, ctx.dtype)
+        self.a2a_seconds += t4 - t3
+        self.other_seconds += self._now() - t4
+        self.calls += 1
         return out
 
     def empty_forward(self, experts_per_layer: list[ExpertWeights], hidden: int, top_k: int,
@@ -242,7 +266,9 @@ class ExpertParallelDispatcher:
         return out
 
     def _now(self) -> float:
-        if self.timing and self.device.type == "cuda":
+        if not self.timing:
+            return 0.0
+        if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dgserve.model.canvas_batch import AttnLayout
 from dgserve.model.config import RopeConfig, TextConfig
 from dgserve.model.kv import KVView, Segment
-from dgserve.model.moe import ExpertWeights, MoEDispatcher
+from dgserve.model.moe import ExpertWeights, MoEDispatcher, run_moe
 
 
 class RMSNorm(nn.Module):
@@ -105,14 +106,23 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.v_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, with_scale=False)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    @property
+    def layer_type(self) -> str:
+        return "sliding_attention" if self.sliding else "full_attention"
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [T, H]`` -> q ``[T, heads, hd]``, k/v ``[T, kv_heads, hd]`` (normed, RoPE on q and k)."""
         t = x.shape[0]
-        cos, sin = ctx.rope["sliding_attention" if self.sliding else "full_attention"]
         q = apply_rope(self.q_norm(self.q_proj(x).view(t, self.num_heads, self.head_dim)), cos, sin)
         k_raw = self.k_proj(x).view(t, self.kv_heads, self.head_dim)
         v_raw = self.v_proj(x).view(t, self.kv_heads, self.head_dim) if self.v_proj is not None else k_raw
-        k = apply_rope(self.k_norm(k_raw), cos, sin)
-        v = self.v_norm(v_raw)
+        return q, apply_rope(self.k_norm(k_raw), cos, sin), self.v_norm(v_raw)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        t = x.shape[0]
+        cos, sin = ctx.rope[self.layer_type]
+        q, k, v = self.project(x, cos, sin)
 
         out = torch.empty_like(q)
         offset = 0
@@ -149,6 +159,29 @@ class Attention(nn.Module):
             attn_mask=mask, scale=1.0, enable_gqa=self.kv_heads != self.num_heads,
         )
         return o[0].transpose(0, 1)
+
+    def forward_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: AttnLayout,
+                     k_pages: torch.Tensor, v_pages: torch.Tensor) -> torch.Tensor:
+        """The fast path: ``x [S, C, H]`` rows (``dgserve.model.canvas_batch``), one attention call over every
+        row's gathered prefix plus its own tokens. K/V are written first through the layout's slot mapping
+        (rows that keep none write to scratch slots), then the prefix is gathered; a row never reads its own
+        slots through the gather (its positions lie at or past its prefix length)."""
+        s, c, _ = x.shape
+        hd, kvh, group = self.head_dim, self.kv_heads, self.num_heads // self.kv_heads
+        q, k, v = self.project(x.reshape(s * c, -1), cos, sin)  # [S*C, heads | kv_heads, hd]
+        k_pages.index_copy_(0, layout.write, k.to(k_pages.dtype))
+        v_pages.index_copy_(0, layout.write, v.to(v_pages.dtype))
+        p = layout.gather.shape[1]
+        idx = layout.gather.reshape(-1)
+        keys = torch.cat([k_pages.index_select(0, idx).view(s, p, kvh, hd), k.view(s, c, kvh, hd).to(k_pages.dtype)], 1)
+        values = torch.cat([v_pages.index_select(0, idx).view(s, p, kvh, hd), v.view(s, c, kvh, hd).to(v_pages.dtype)],
+                           1)
+        # query head h reads KV head h // group: fold each KV head's query heads into the query rows
+        qf = q.view(s, c, kvh, group, hd).permute(0, 2, 3, 1, 4).reshape(s, kvh, group * c, hd)
+        o = F.scaled_dot_product_attention(qf, keys.transpose(1, 2), values.transpose(1, 2),
+                                           attn_mask=layout.mask, scale=1.0)  # [S, kv_heads, group*C, hd]
+        o = o.view(s, kvh, group, c, hd).permute(0, 3, 1, 2, 4).reshape(s, c, self.num_heads * hd)
+        return self.o_proj(o)
 
 
 class DenseMLP(nn.Module):
@@ -212,12 +245,27 @@ class TransformerLayer(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext, scalar: torch.Tensor) -> torch.Tensor:
         residual = x
         x = residual + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx))
+        return self.feed_forward(x, ctx.dispatcher, [seg.length for seg in ctx.segments], self.layer) * scalar
+
+    def feed_forward(self, x: torch.Tensor, dispatcher: MoEDispatcher, segment_lengths: list[int] | None,
+                     layer: int) -> torch.Tensor:
+        """``x + post_norm(dense MLP + MoE)`` over ``[T, H]`` tokens (both execution modes)."""
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
         weights, index = self.router(x)
-        moe = ctx.dispatcher(self.layer, self.pre_feedforward_layernorm_2(x), index, weights, self.experts,
-                             [seg.length for seg in ctx.segments])
-        x = x + self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(moe))
-        return x * scalar
+        moe = run_moe(dispatcher, layer, self.pre_feedforward_layernorm_2(x), index, weights, self.experts,
+                      segment_lengths)
+        return x + self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(moe))
+
+    def forward_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: AttnLayout,
+                     k_pages: torch.Tensor, v_pages: torch.Tensor, scalar: torch.Tensor,
+                     dispatcher: MoEDispatcher, layer: int = -1) -> torch.Tensor:
+        """The fast path over ``[S, C, H]`` rows; ``scalar [S, 1, 1]`` is each row's mode's layer scalar.
+        Nothing here reads the layer's own index (``layer`` is passed only for an expert-parallel dispatcher's
+        statistics), so one compiled graph serves every layer of a type."""
+        s, c, h = x.shape
+        x = x + self.post_attention_layernorm(
+            self.self_attn.forward_rows(self.input_layernorm(x), cos, sin, layout, k_pages, v_pages))
+        return self.feed_forward(x.view(s * c, h), dispatcher, None, layer).view(s, c, h) * scalar
 
 
 class SelfConditioning(nn.Module):

@@ -130,7 +130,7 @@ def load_vision(path: Path, files: dict[str, Path], text_hidden: int, dtype: tor
                 target.copy_(_read_checked(handles[file], file, name, list(target.shape)))
     finally:
         handles.clear()
-    tower.eval()
+    tower.eval().requires_grad_(False)  # serving only, as the text model
     log.info("%s: vision tower loaded (%d layers, hidden %d, %d soft tokens per image at most)", path,
              spec.config.num_hidden_layers, spec.config.hidden_size, spec.processor.max_soft_tokens)
     return LoadedVision(tower, spec)

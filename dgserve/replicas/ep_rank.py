@@ -1,13 +1,13 @@
-"""One EP rank as a Ray Serve replica; W of them, gang-scheduled, form one expert-parallel group.
+"""One rank of an expert-parallel group as a model replica; W of them, gang-scheduled, form one group.
 
-``ep_rank_deployment(W, ...)`` returns a Serve deployment of :class:`EPRankReplica` with
-``num_replicas=W`` and ``GangSchedulingConfig(gang_size=W, PACK, RESTART_GANG)``. Each replica reads
-its rank from the gang context, joins the group through Ray's KV store (rank 0 picks the port and
-the expert placement), and serves its own requests with a lockstep engine; any rank can take any
-request (data-parallel attention), so the ordinary Serve router spreads requests over the ranks.
-When a rank dies or its group breaks, its requests end with an error event and ``check_health``
-fails, and Serve restarts the whole gang. The load-aware placement uses the expert counts the
-previous incarnation published (rank 0 writes them to the KV store as the group runs).
+``EPModelReplica`` is a ``ModelReplica`` (so the router and the ingress treat ranks as replicas: any rank takes
+any request, data-parallel attention) whose engine loop steps in lockstep with its gang. ``build_app`` deploys it
+with ``GangSchedulingConfig(gang_size=W, PACK, RESTART_GANG)`` when ``replicas.ep_size > 1``. Each replica reads
+its rank from the gang context, joins the group through Ray's KV store (rank 0 picks the port and the expert
+placement), and serves its own requests. When a rank dies or its group breaks, its requests end with a retryable
+error event, ``check_health`` fails, and Serve restarts the whole gang. The load-aware placement uses the expert
+counts the previous incarnation published (rank 0 writes them to the KV store as the group runs, keyed by the
+Serve application).
 """
 
 from __future__ import annotations
@@ -23,18 +23,20 @@ import torch
 from ray import serve
 
 from dgserve.cluster import rendezvous
-from dgserve.cluster.gang import current_gang, gang_scheduling_config, rank_actor_options
-from dgserve.engine.engine import EngineConfig
+from dgserve.cluster.gang import current_gang
+from dgserve.config import ReplicaSlice
+from dgserve.engine.loop import AsyncEngine
 from dgserve.engine.request import Event, FinalEvent, GenerationRequest
 from dgserve.model.ep_dispatch import EPGroupStats
 from dgserve.model.ep_weights import source_config
 from dgserve.model.placement import ExpertPlacement
-from dgserve.model.vision_checkpoint import VisionMode
-from dgserve.replicas.ep_engine import LockstepEngine, build_ep_engine
+from dgserve.replicas.ep_engine import LockstepBarrier, build_ep_engine
+from dgserve.replicas.model_replica import ModelReplica
 
 log = logging.getLogger(__name__)
 
 COUNTS_PUBLISH_S = 10.0
+RENDEZVOUS_TIMEOUT_S = 120.0  # the whole gang must start within this
 
 
 def expert_counts_key(name: str) -> str:
@@ -53,63 +55,64 @@ def choose_placement(num_experts: int, world_size: int, policy: str, counts: lis
     return ExpertPlacement.load_aware(counts, world_size, num_redundant=num_redundant)
 
 
-class EPRankReplica:
-    """A Serve replica hosting one rank of an EP group (deploy with :func:`ep_rank_deployment`)."""
+class EPModelReplica(ModelReplica):
+    """A model replica hosting one rank of an EP group (see the module docstring).
 
-    def __init__(self, model: str, *, dtype: str = "float32", placement: str = "contiguous", num_redundant: int = 0,
-                 engine_config: dict[str, Any] | None = None, collective_timeout_s: float = 60.0,
-                 rendezvous_timeout_s: float = 120.0, group_name: str = "ep", seed: int = 0,
-                 record_logits_dir: str | None = None, torch_threads: int | None = None,
-                 vision: VisionMode = "auto") -> None:
-        started = time.monotonic()
+    ``torch_threads`` pins this rank's intra-op threads; ``record_logits_dir`` (tests) saves every denoising
+    step's logits per request, at its end, for comparison with a single-process run.
+    """
+
+    def __init__(self, config: ReplicaSlice, *, torch_threads: int | None = None,
+                 record_logits_dir: str | None = None) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
+        self._last_publish = 0.0
+        super().__init__(config)
+        self._recorded: dict[str, list[torch.Tensor]] = {}
+        self._record_dir = Path(record_logits_dir) if record_logits_dir else None
+        if self._record_dir is not None:
+            model = self.engine.model
+            self.engine.on_denoise = \
+                lambda rid, step, h: self._recorded.setdefault(rid, []).append(model.logits(h).cpu())
+
+    def _start_engine(self) -> AsyncEngine:
+        started = time.monotonic()
+        cfg = self.config
         gang = current_gang()
         self.rank, self.world_size, self.gang_id = gang.rank, gang.world_size, gang.gang_id
-        self.group_name = group_name
-        device = "cuda:0" if torch.cuda.is_available() else "cpu"  # Ray shows a rank only its own GPU
+        self.group_name = serve.get_replica_context().app_name  # one key space per application
+        device = "cuda:0" if cfg.model.device != "cpu" and torch.cuda.is_available() else "cpu"  # Ray shows one GPU
         payload = None
         if gang.rank == 0:
-            config = source_config(model)
-            counts = rendezvous.kv_get(expert_counts_key(group_name)) if placement == "load_aware" else None
-            chosen = choose_placement(config.text.num_experts, gang.world_size, placement,
-                                      (counts or {}).get("counts"), num_redundant)
+            counts = rendezvous.kv_get(expert_counts_key(self.group_name)) if cfg.ep_placement == "load_aware" \
+                else None
+            chosen = choose_placement(source_config(cfg.model.path).text.num_experts, gang.world_size,
+                                      cfg.ep_placement, (counts or {}).get("counts"), cfg.ep_num_redundant)
             payload = {"placement": chosen.to_json(), "placement_counts": (counts or {}).get("counts")}
         key = rendezvous.rendezvous_key(gang.gang_id, list(gang.member_replica_ids))
         group, payload = rendezvous.join_group(key, gang.rank, gang.world_size, device=device,
-                                               timeout_s=collective_timeout_s,
-                                               rendezvous_timeout_s=rendezvous_timeout_s, payload=payload)
+                                               timeout_s=cfg.ep_collective_timeout_s,
+                                               rendezvous_timeout_s=RENDEZVOUS_TIMEOUT_S, payload=payload)
         self.placement = ExpertPlacement.from_json(payload["placement"])
         self.placement_counts: list[float] | None = payload.get("placement_counts")  # what load_aware used
-        self._last_publish = 0.0
-        self.engine: LockstepEngine = build_ep_engine(
-            model, group, self.placement, dtype=dtype, seed=seed,
-            engine_config=EngineConfig(**engine_config) if engine_config else None, owns_group=True,
-            on_stats_sync=self._publish_counts if gang.rank == 0 else None, vision=vision)
-        self._recorded: dict[str, list[torch.Tensor]] = {}
-        self._record_dir = Path(record_logits_dir) if record_logits_dir else None
-        if self._record_dir is not None:  # tests: every denoising step's logits, saved per request at its end
-            model_ = self.engine.engine.model
-            self.engine.engine.on_denoise = \
-                lambda rid, step, h: self._recorded.setdefault(rid, []).append(model_.logits(h).cpu())
+        loop = build_ep_engine(cfg.model.path, group, self.placement, dtype=cfg.model.dtype,
+                               engine_config=cfg.engine, owns_group=True,
+                               on_stats_sync=self._publish_counts if gang.rank == 0 else None,
+                               vision=cfg.model.vision)
         self.startup_seconds = time.monotonic() - started
         log.info("EP rank %d/%d of gang %s up in %.1fs", self.rank, self.world_size, self.gang_id,
                  self.startup_seconds)
+        return loop
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        async for ev in self.engine.generate(request):
+        async for ev in super().generate(request):
             if self._record_dir is not None and isinstance(ev, FinalEvent):
                 torch.save(self._recorded.pop(ev.request_id, []), self._record_dir / f"{ev.request_id}.pt")
             yield ev
 
-    def stats(self) -> dict[str, float | int]:
-        return self.engine.stats()
-
     def expert_counts(self) -> dict[str, list[list[int]]]:
-        return self.engine.expert_counts()
-
-    def check_health(self) -> None:
-        self.engine.check_health()
+        assert isinstance(self.loop.barrier, LockstepBarrier)
+        return self.loop.barrier.expert_counts()
 
     def rank_info(self) -> dict[str, Any]:
         return {"rank": self.rank, "world_size": self.world_size, "gang_id": self.gang_id, "pid": os.getpid(),
@@ -125,20 +128,9 @@ class EPRankReplica:
                           {"counts": stats.expert_counts.sum(0).tolist(), "imbalance": stats.imbalance})
 
     def __del__(self) -> None:
-        engine = getattr(self, "engine", None)
-        if engine is not None:
-            engine.shutdown()
+        loop = getattr(self, "loop", None)
+        if loop is not None:  # a collective in flight may take up to its timeout to give up
+            loop.shutdown(timeout_s=self.config.ep_collective_timeout_s + 10)
 
 
-def ep_rank_deployment(world_size: int, *, name: str = "EPRank", device: str = "cpu", num_cpus: float = 1.0,
-                       health_check_period_s: float = 2.0, health_check_timeout_s: float = 10.0,
-                       **options: Any) -> serve.Deployment:
-    """A gang-scheduled deployment of W :class:`EPRankReplica` (one EP group; bind it with the replica's
-    constructor arguments). Extra ``options`` go to ``Deployment.options`` (e.g. ``max_ongoing_requests``)."""
-    return serve.deployment(EPRankReplica).options(
-        name=name, num_replicas=world_size, gang_scheduling_config=gang_scheduling_config(world_size),
-        ray_actor_options=rank_actor_options(device, num_cpus), health_check_period_s=health_check_period_s,
-        health_check_timeout_s=health_check_timeout_s, **options)
-
-
-__all__ = ["EPRankReplica", "choose_placement", "ep_rank_deployment", "expert_counts_key"]
+__all__ = ["EPModelReplica", "choose_placement", "expert_counts_key"]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ray.serve.config import AutoscalingContext
 
-    from dgserve.deploy.config import AutoscalingSettings
+    from dgserve.config import AutoscalingSettings
 
 log = logging.getLogger(__name__)
 

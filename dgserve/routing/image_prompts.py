@@ -9,29 +9,19 @@ import asyncio
 from collections.abc import Sequence
 
 import httpx
-from pydantic import BaseModel, ConfigDict
 
+from dgserve.config import ImageSettings
 from dgserve.engine.prompt_images import check_images
 from dgserve.engine.request import PromptImage
 from dgserve.model.config import ModelConfig
 from dgserve.model.image_processing import (
     ImageInputError,
-    ImageLimits,
     ImageProcessor,
     ProcessedImage,
     check_image_count,
     decode_image,
 )
-from dgserve.routing.images import ImageFetchSettings, ImageURL, load_image_bytes
-
-
-class ImageSettings(BaseModel):
-    """Image input limits and the http(s) fetch policy of a deployment."""
-
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
-
-    limits: ImageLimits = ImageLimits()
-    fetch: ImageFetchSettings = ImageFetchSettings()
+from dgserve.routing.images import ImageURL, load_image_bytes
 
 
 async def load_images(urls: Sequence[ImageURL], settings: ImageSettings, processor: ImageProcessor
@@ -78,4 +68,4 @@ def expand_placeholders(ids: Sequence[int], images: Sequence[ProcessedImage], co
     return out, tuple(placed)
 
 
-__all__ = ["ImageSettings", "expand_placeholders", "load_images"]
+__all__ = ["expand_placeholders", "load_images"]

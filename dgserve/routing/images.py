@@ -11,12 +11,11 @@ import base64
 import binascii
 import logging
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from dgserve.config import ImageFetchSettings
 from dgserve.model.image_processing import ACCEPTED_FORMATS, ImageInputError, ImageTooLargeError
 
 log = logging.getLogger(__name__)
@@ -28,59 +27,6 @@ _UNTYPED = {"", "application/octet-stream"}
 
 class ImageURLError(ImageInputError):
     """An ``image_url`` that cannot be turned into image bytes (bad data: URL, refused or failed fetch)."""
-
-
-class ImageFetchSettings(BaseModel):
-    """Operator settings for ``http(s)`` image URLs. Off unless ``enabled`` and the host is allow-listed.
-
-    ``allowed_hosts`` entries: ``example.com`` (any port), ``example.com:8443``, or ``*.example.com``
-    (its subdomains). The allow-list is the trust boundary: an allowed host is fetched whatever it resolves to.
-    """
-
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
-
-    enabled: bool = False
-    allowed_hosts: tuple[str, ...] = ()
-    max_bytes: int = Field(20 * 1024 * 1024, gt=0)
-    timeout_s: float = Field(10.0, gt=0)  # the whole fetch, redirects included
-    max_redirects: int = Field(3, ge=0, le=10)
-
-    @field_validator("allowed_hosts", mode="before")
-    @classmethod
-    def _hosts_from_list(cls, v: Any) -> Any:
-        return tuple(v) if isinstance(v, list) else v
-
-    @field_validator("allowed_hosts")
-    @classmethod
-    def _check_hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for entry in v:
-            host, port = _split_host_entry(entry)
-            if not host or "/" in entry or "*" in host[1:] or (host.startswith("*") and not host.startswith("*.")):
-                raise ValueError(f"allowed_hosts entry {entry!r}: expected host, host:port or *.domain")
-            if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
-                raise ValueError(f"allowed_hosts entry {entry!r}: bad port {port!r}")
-        return tuple(e.lower() for e in v)
-
-    def allows(self, host: str, port: int) -> bool:
-        host = host.lower()
-        for entry in self.allowed_hosts:
-            name, entry_port = _split_host_entry(entry)
-            if entry_port is not None and entry_port != str(port):
-                continue
-            if (name.startswith("*.") and host.endswith(name[1:])) or name == host:
-                return True
-        return False
-
-
-def _split_host_entry(entry: str) -> tuple[str, str | None]:
-    """``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6 address -> (host, port or None)."""
-    if entry.startswith("["):
-        host, _, rest = entry[1:].partition("]")
-        return host, rest[1:] if rest.startswith(":") else None
-    if entry.count(":") == 1:
-        host, _, port = entry.partition(":")
-        return host, port
-    return entry, None
 
 
 @dataclass(frozen=True)
@@ -194,4 +140,4 @@ def _check_allowed(url: str, where: str, fetch: ImageFetchSettings) -> None:
         raise ImageURLError(f"{where}: host {host}:{port} is not in the server's allow-list for image URLs")
 
 
-__all__ = ["ImageFetchSettings", "ImageURL", "ImageURLError", "decode_data_url", "load_image_bytes"]
+__all__ = ["ImageURL", "ImageURLError", "decode_data_url", "load_image_bytes"]

@@ -20,10 +20,11 @@ import anyio
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from dgserve.config import IngressSettings
 from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest, PromptImage, SamplingParams
 from dgserve.routing.errors import OpenAIHTTPError, describe_validation_errors, error_response, install_error_handlers
 from dgserve.routing.images import ImageURL
@@ -43,6 +44,7 @@ from dgserve.routing.openai_protocol import (
     PromptTokensDetails,
     Usage,
 )
+from dgserve.routing.prompts import InvalidPromptError
 from dgserve.routing.replies import ChatReply, CompletionReply, Reply
 from dgserve.routing.sse import (
     CLEANUP_TIMEOUT_S,
@@ -63,11 +65,6 @@ class OverloadedError(Exception):
     def __init__(self, retry_after: float = 1.0, message: str = "The server is overloaded; retry later.") -> None:
         super().__init__(message)
         self.retry_after = retry_after
-
-
-class InvalidPromptError(ValueError):
-    """A prompt the backend refuses (token ids out of range, a conversation the chat template rejects).
-    The ingress answers any ValueError from tokenization with a 400; this one names the intent."""
 
 
 class ChatBackend(Protocol):
@@ -102,27 +99,6 @@ class ChatBackend(Protocol):
         the task awaiting it) cancels the engine request."""
 
     async def ready(self) -> bool: ...
-
-
-class IngressSettings(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
-
-    max_body_bytes: int = Field(4 * 2**20, ge=1, description="Larger request bodies are answered 413.")
-    request_timeout_s: float | None = Field(
-        600.0, gt=0, description="Wall-clock limit per request: 408 before a stream starts, an error event after.")
-    default_max_tokens: int | None = Field(
-        None, ge=1, description="max_tokens when a request gives none (None: what is left of the context).")
-    max_tokens_limit: int | None = Field(
-        8192, ge=1, description="Largest max_tokens a request may ask for (more is a 400); also caps the default. "
-        "None: only the context window limits it.")
-    max_prompt_tokens: int | None = Field(
-        None, ge=1, description="Longest prompt, in tokens, a request may send (longer is a 400). None: the context "
-        "window less one token.")
-    default_draft_every: int = Field(4, ge=1, description="Denoising steps between drafts when a request sets "
-                                     "stream_drafts without draft_every.")
-    max_concurrent_requests: int | None = Field(
-        None, ge=1, description="Generation requests this ingress runs at once; more are answered 429 with "
-        "Retry-After before their body is read. None: no limit here (the replicas' queues bound the load).")
 
 
 Authorizer = Callable[[str | None], Awaitable[bool]]

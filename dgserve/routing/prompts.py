@@ -1,18 +1,24 @@
-"""Turning an API prompt into checked token ids (and images): shared by the in-process and the Ray Serve backends."""
+"""Turning a prompt or a chat (images included) into checked token ids: shared by the ingress's backend and the batch
+jobs."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+from dgserve.config import ImageSettings
 from dgserve.engine.request import PromptImage
 from dgserve.model.config import ModelConfig
 from dgserve.model.image_processing import ImageInputError, ImageProcessor
 from dgserve.model.tokenizer import TokenizerError, check_no_image_tokens
 from dgserve.model.vision_checkpoint import VisionSpec
-from dgserve.routing.image_prompts import ImageSettings, expand_placeholders, load_images
+from dgserve.routing.image_prompts import expand_placeholders, load_images
 from dgserve.routing.images import ImageURL
-from dgserve.routing.ingress_app import InvalidPromptError
+
+
+class InvalidPromptError(ValueError):
+    """A prompt the model side refuses (token ids out of range, image placeholders, a conversation the chat
+    template rejects, a prompt too long for the KV cache): the ingress answers it with a 400."""
 
 
 class PromptEncoder:
@@ -46,7 +52,7 @@ class PromptEncoder:
             return self.check_ids(list(prompt))
         return self.check_ids(self._tokenizer.encode(prompt))
 
-    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         try:
             return self.check_ids(self._tokenizer.encode_chat(messages))
         except TokenizerError as exc:

@@ -53,8 +53,10 @@ def rank_replicas(loads: Sequence[ReplicaLoad], settings: ScoringSettings) -> li
 
 
 class CanvasRouter(RequestRouter):
-    def initialize_state(self, overload_canvases: int = 64, affinity_prefix_tokens: int = 256,
-                         block_size: int = 16, affinity_slack: float = 8.0, **_: object) -> None:
+    def initialize_state(self, prefix_affinity: bool = True, overload_canvases: int = 64,
+                         affinity_prefix_tokens: int = 256, block_size: int = 16, affinity_slack: float = 8.0,
+                         **_: object) -> None:
+        self._prefix_affinity = prefix_affinity
         self._settings = ScoringSettings(overload_canvases=overload_canvases, affinity_slack=affinity_slack)
         self._prefix_tokens = affinity_prefix_tokens
         self._block_size = block_size
@@ -95,7 +97,7 @@ class CanvasRouter(RequestRouter):
         self._inflight[rid] = max(0, self._inflight[rid] - 1)
 
     def _key(self, pending_request: PendingRequest | None) -> str | None:
-        if pending_request is None or not pending_request.args:
+        if not self._prefix_affinity or pending_request is None or not pending_request.args:
             return None
         req = pending_request.args[0]
         if not isinstance(req, GenerationRequest):

@@ -47,7 +47,7 @@ def deploy(serve_http: str, name: str, route: str, overrides: dict) -> str:
     """Run a dgserve app on the session's Serve; returns its base URL."""
     from ray import serve
 
-    from dgserve.deploy.config import DeployConfig
+    from dgserve.config import DeployConfig
     from dgserve.routing.app import build_app
 
     config = DeployConfig.from_args(deploy_config(name, route, overrides))

@@ -4,7 +4,7 @@ a body that matches the documented schema (for streams: every SSE event, by the 
 invalid requests rejected, and auth enforced.
 
 The app is the real ingress (``build_fastapi_app``) with API keys, over a real engine in-process
-(``LocalBackend`` on the tiny random model), driven through ASGI: no Ray, no sockets. Half of the generated
+(``EngineChatBackend.load`` on the tiny random model), driven through ASGI: no Ray, no sockets. Half of the generated
 requests name the served model, so generation really runs rather than stopping at the 404.
 
 Not checked: schemathesis's ``positive_data_acceptance`` (a schema-valid request must get a 2xx). The schema
@@ -22,8 +22,8 @@ from reliability.harness import FULL, MODEL, one_torch_thread, record, size
 
 from dgserve.engine.engine import EngineConfig
 from dgserve.routing.auth import APIKeyMiddleware, APIKeyStore, keys_from_env_value
+from dgserve.routing.chat_backend import EngineChatBackend
 from dgserve.routing.ingress_app import IngressSettings, build_fastapi_app
-from dgserve.routing.local_backend import LocalBackend
 
 pytestmark = pytest.mark.slow
 schemathesis = pytest.importorskip("schemathesis")
@@ -35,7 +35,7 @@ EXAMPLES = size(60, 250)
 
 @pytest.fixture(scope="module")
 def fuzz_app():
-    backend = LocalBackend.load(MODEL, engine_config=EngineConfig(kv_cache_memory=16 << 20, max_waiting=64))
+    backend = EngineChatBackend.load(MODEL, engine_config=EngineConfig(kv_cache_memory=16 << 20, max_waiting=64))
     keys = APIKeyStore(keys_from_env_value(f"fuzzer:{KEY}", "test"))
     # short limits keep each generated request cheap: at most two canvases, five seconds
     app = build_fastapi_app(backend, IngressSettings(max_tokens_limit=64, request_timeout_s=5.0),

@@ -1,0 +1,222 @@
+"""The fast path's model runner: turns a step's rows into one device-resident input array (one host-to-device
+copy), runs :func:`dgserve.engine.fast_step.fast_step` (eagerly, with compiled layers, or by replaying a CUDA
+graph captured for the step's bucket) and returns its output rows with one device-to-host copy.
+
+Buckets: the row count is padded up to one of ``row_buckets`` (1, 2, 4, ..., 64 by default) and the
+full-attention context to a power of two of blocks, so a steady stream of steps reuses a handful of shapes:
+one compiled graph per layer type and shape, one CUDA graph per bucket (captured on first use, the padding
+rows of the capture writing only scratch slots and the scratch state slot).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from dgserve.engine import fast_step as fs
+from dgserve.engine.denoising import EntropyBound
+from dgserve.engine.kv_pages import BlockTable, KVPagePool
+from dgserve.model.diffusion_gemma import DiffusionGemma
+from dgserve.model.generation_config import SamplingParams
+from dgserve.model.layers import TransformerLayer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+MIN_CONTEXT_BLOCKS = 16
+
+
+@dataclass
+class Row:
+    """One row of a fast step, as the engine describes it."""
+
+    kind: int  # fast_step.DENOISE / COMMIT / PREFILL
+    slot: int
+    prefix_len: int  # cached positions before the row's tokens
+    table: BlockTable
+    length: int = 0  # valid tokens (PREFILL: the chunk's length; canvases: the canvas length)
+    tokens: Sequence[int] = ()  # PREFILL only
+    fresh: bool = False  # DENOISE: the canvas' first step (draw it, zero its self-conditioning)
+    cur_step: int = 1  # DENOISE: steps remaining, N..1
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    greedy: bool = False
+    seed: int = 0
+    canvas_index: int = 0  # which canvas of the request (a stream of the counter-based randomness)
+
+
+def _float_bits(*values: float) -> list[int]:
+    return list(struct.unpack(f"<{len(values)}i", struct.pack(f"<{len(values)}f", *values)))
+
+
+def _int32(value: int) -> int:
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+class FastRunner:
+    """Runs fast-path steps for an engine (see the module docstring).
+
+    ``num_slots``: the engine's request slots (the canvas state holds one row per slot, plus a scratch row).
+    ``compile``: compile each layer type's forward and the per-canvas sampler pass with ``torch.compile``
+    (``fullgraph=True, dynamic=False``); ``compile_backend`` picks the backend (tests use ``"eager"``).
+    ``cuda_graphs``: capture each bucket's whole step in a CUDA graph (CUDA only).
+    """
+
+    def __init__(self, model: DiffusionGemma, pool: KVPagePool, num_slots: int, *, compile: bool = False,
+                 compile_backend: str = "inductor", cuda_graphs: bool = False,
+                 row_buckets: Sequence[int] = DEFAULT_ROW_BUCKETS) -> None:
+        if pool.scratch_blocks * pool.block_size < model.config.canvas_length:
+            raise ValueError("the fast path needs a KV pool with a canvas of scratch slots (scratch_tokens)")
+        self.model = model
+        self.pool = pool
+        self.device = model.device
+        self.canvas = model.config.canvas_length
+        self.block_size = pool.block_size
+        self.row_buckets = tuple(sorted(row_buckets))
+        self.state = fs.CanvasState.allocate(num_slots, self.canvas, model.config.text.hidden_size, model.dtype,
+                                             self.device)
+        self.algorithm = EntropyBound()
+        self.scratch = {"full": pool.scratch_slot("full"), "sliding": pool.scratch_slot("sliding")}
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not model.dispatcher.collective
+        if compile and not model.dispatcher.collective:
+            model.compiled_layer_rows = torch.compile(TransformerLayer.forward_rows, fullgraph=True, dynamic=False,
+                                                      backend=compile_backend)
+        self._graphs: dict[tuple[int, int], _CapturedStep] = {}
+        self.transfers_to_host = 0  # device-to-host copies (one per step)
+        self.transfers_to_device = 0  # host-to-device copies (one per step)
+        self.steps = 0
+
+    # -- buckets ------------------------------------------------------------------------------------
+    def row_bucket(self, n: int) -> int:
+        for b in self.row_buckets:
+            if b >= n:
+                return b
+        return n  # beyond the largest bucket: its own shape
+
+    def context_bucket(self, rows: Sequence[Row]) -> int:
+        need = max((-(-r.prefix_len // self.block_size) for r in rows), default=0)
+        blocks = MIN_CONTEXT_BLOCKS
+        while blocks < need:
+            blocks *= 2
+        return blocks
+
+    # -- one step -----------------------------------------------------------------------------------
+    def run(self, rows: Sequence[Row]) -> np.ndarray:
+        """Run one step; returns ``[len(rows), 2 + C]`` int32 (``fast_step``'s output rows, in order)."""
+        assert rows, "a step needs at least one row"
+        s = self.row_bucket(len(rows))
+        layout = fs.StepLayout.build(self.model, self.block_size, self.context_bucket(rows))
+        host = self._pack(rows, s, layout)
+        if self.cuda_graphs:
+            out = self._graph(s, layout).replay(host)
+        else:
+            inp = torch.from_numpy(host)
+            if self.device.type != "cpu":
+                inp = inp.pin_memory().to(self.device, non_blocking=True)
+            self.transfers_to_device += 1
+            with torch.inference_mode():
+                result = fs.fast_step(self.model, self.algorithm, layout, inp, self.state, self.pool.k_flat,
+                                      self.pool.v_flat, self.scratch)
+            out = result.cpu().numpy() if result.device.type != "cpu" else result.numpy()
+        self.transfers_to_host += 1
+        self.steps += 1
+        return out[:len(rows)]
+
+    def _pack(self, rows: Sequence[Row], s: int, layout: fs.StepLayout) -> np.ndarray:
+        host = np.full((s, layout.width), -1, dtype=np.int32)
+        host[:, :fs.HEADER] = 0
+        host[:, layout.tokens] = 0
+        bs = self.block_size
+        for i, r in enumerate(rows):
+            h = host[i]
+            p = r.sampling
+            adaptive = p.stability_threshold is not None and p.confidence_threshold is not None
+            lo, hi = r.seed & 0xFFFFFFFF, (r.seed >> 32) & 0xFFFFFFFF
+            sliding_base = max(0, r.prefix_len - (self.model.config.text.sliding_window - 1)) // bs
+            h[:fs.F_T_MIN] = [r.slot, r.kind, r.length or self.canvas, r.prefix_len, int(r.fresh), r.cur_step,
+                              p.max_denoising_steps, r.canvas_index, _int32(lo), _int32(hi), sliding_base,
+                              p.stability_threshold if adaptive else -1, int(r.greedy)]
+            h[fs.F_T_MIN:fs.HEADER] = _float_bits(p.t_min, p.t_max - p.t_min, p.entropy_bound,
+                                                  p.confidence_threshold if adaptive else 0.0)
+            if r.kind == fs.PREFILL:
+                h[fs.HEADER:fs.HEADER + len(r.tokens)] = r.tokens
+            full = r.table.full[:layout.full_blocks]
+            h[layout.full_table.start:layout.full_table.start + len(full)] = full
+            first = r.prefix_len // bs
+            wfull = r.table.full[first:first + layout.write_blocks]
+            h[layout.full_write.start:layout.full_write.start + len(wfull)] = wfull
+            if layout.sliding_blocks:
+                window = r.table.sliding[sliding_base:sliding_base + layout.sliding_blocks]
+                sl = [-1 if b is None else b for b in window]
+                h[layout.sliding_table.start:layout.sliding_table.start + len(sl)] = sl
+                wsl = [-1 if b is None else b for b in r.table.sliding[first:first + layout.write_blocks]]
+                h[layout.sliding_write.start:layout.sliding_write.start + len(wsl)] = wsl
+        pad = self.state.pad_slot
+        for i in range(len(rows), s):
+            host[i, :fs.F_T_MIN] = [pad, fs.PAD, self.canvas, 0, 0, 1, 1, 0, 0, 0, 0, -1, 0]
+            host[i, fs.F_T_MIN:fs.HEADER] = _float_bits(1.0, 0.0, 0.0, 0.0)
+        return host
+
+    def _graph(self, s: int, layout: fs.StepLayout) -> _CapturedStep:
+        key = (s, layout.full_blocks)
+        graph = self._graphs.get(key)
+        if graph is None:
+            started = time.perf_counter()
+            padding = self._pack([], s, layout)
+            graph = _CapturedStep(self, layout, padding)
+            self._graphs[key] = graph
+            log.info("captured the fast step for %d rows, %d context blocks in %.2f s", s, layout.full_blocks,
+                     time.perf_counter() - started)
+        return graph
+
+    def capture(self, row_counts: Sequence[int] | None = None) -> float:
+        """Capture the CUDA graphs of the given row buckets at the smallest context bucket up front (largest
+        first, so the others reuse its memory); returns the seconds it took."""
+        started = time.perf_counter()
+        if self.cuda_graphs:
+            for s in sorted(row_counts or self.row_buckets, reverse=True):
+                self._graph(s, fs.StepLayout.build(self.model, self.block_size, MIN_CONTEXT_BLOCKS))
+        return time.perf_counter() - started
+
+
+class _CapturedStep:
+    """A CUDA graph of ``fast_step`` for one bucket, with its static input and output buffers."""
+
+    pool: object = None  # the memory pool all captures share
+
+    def __init__(self, runner: FastRunner, layout: fs.StepLayout, padding: np.ndarray) -> None:
+        self.host_in = torch.from_numpy(padding).pin_memory()
+        self.host_out = torch.empty((padding.shape[0], 2 + runner.canvas), dtype=torch.int32).pin_memory()
+        self.static_in = self.host_in.to(runner.device)
+
+        def step() -> torch.Tensor:
+            return fs.fast_step(runner.model, runner.algorithm, layout, self.static_in, runner.state,
+                                runner.pool.k_flat, runner.pool.v_flat, runner.scratch)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.inference_mode(), torch.cuda.stream(side):
+            for _ in range(2):  # warm-up (all padding rows: only scratch slots and the scratch state row change)
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        if _CapturedStep.pool is None:
+            _CapturedStep.pool = torch.cuda.graph_pool_handle()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(self.graph, pool=_CapturedStep.pool):
+            self.static_out = step()
+        self.done = torch.cuda.Event()
+
+    def replay(self, host: np.ndarray) -> np.ndarray:
+        self.host_in.numpy()[:] = host
+        self.static_in.copy_(self.host_in, non_blocking=True)
+        self.graph.replay()
+        self.host_out.copy_(self.static_out, non_blocking=True)
+        self.done.record()
+        self.done.synchronize()
+        return self.host_out.numpy()
