@@ -24,8 +24,12 @@ class _Strict(BaseModel):
 
 
 class ModelSettings(_Strict):
-    path: str = Field(DEFAULT_MODEL, description="checkpoint directory (HF layout) or preset name")
-    served_name: str | None = Field(None, description="model id in the API (default: the path's last component)")
+    path: str = Field(DEFAULT_MODEL, description="checkpoint directory (HF layout), preset name, or Hugging Face "
+                      "model id (owner/name: resolved through the local Hub cache, HF_TOKEN, HF_HUB_OFFLINE)")
+    revision: str | None = Field(None, description="with a Hugging Face model id: its branch, tag or commit "
+                                 "(default main)")
+    served_name: str | None = Field(None, description="model id in the API (default: a Hugging Face model id as "
+                                    "given, else the path's last component)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     vision: Literal["auto", "off"] = Field(
@@ -34,7 +38,11 @@ class ModelSettings(_Strict):
 
     @property
     def model_id(self) -> str:
-        return self.served_name or self.path.rstrip("/").split("/")[-1]
+        from dgserve.model.hub import is_hub_id  # clients name a Hub model by its id, as vLLM serves it
+
+        if self.served_name:
+            return self.served_name
+        return self.path if is_hub_id(self.path) else self.path.rstrip("/").split("/")[-1]
 
 
 class AutoscalingSettings(_Strict):
@@ -69,6 +77,12 @@ class ReplicaSettings(_Strict):
     health_check_period_s: float = Field(10.0, gt=0.0)
     capacity_prior_tokens_per_s: float = Field(
         200.0, gt=0.0, description="tokens/s a replica is assumed to sustain until it has measured its own")
+
+    @model_validator(mode="after")
+    def _check(self) -> ReplicaSettings:
+        if self.ep_num_redundant and self.ep_placement != "load_aware":
+            raise ValueError("ep_num_redundant copies the hottest experts: it needs ep_placement: load_aware")
+        return self
 
 
 class RouterSettings(_Strict):
@@ -183,6 +197,8 @@ class ReplicaSlice(_Strict):
     capacity_prior_tokens_per_s: float
     prefix_affinity: bool
     affinity_prefix_tokens: int
+    request_timeout_s: float | None  # with engine.max_waiting unset, the queue is sized from it
+    max_ongoing_requests: int
 
 
 class IngressSlice(_Strict):
@@ -221,7 +237,9 @@ class DeployConfig(_Strict):
                             ep_num_redundant=r.ep_num_redundant, ep_collective_timeout_s=r.ep_collective_timeout_s,
                             capacity_prior_tokens_per_s=r.capacity_prior_tokens_per_s,
                             prefix_affinity=self.router.prefix_affinity,
-                            affinity_prefix_tokens=self.router.affinity_prefix_tokens)
+                            affinity_prefix_tokens=self.router.affinity_prefix_tokens,
+                            request_timeout_s=self.ingress.request_timeout_s,
+                            max_ongoing_requests=r.max_ongoing_requests)
 
     def ingress_slice(self) -> IngressSlice:
         return IngressSlice(model=self.model, ingress=self.ingress, images=self.images, auth=self.auth,

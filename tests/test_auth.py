@@ -107,6 +107,7 @@ class GateBackend:
         self.release.set()
         self.requests: list[GenerationRequest] = []
         self.started = 0
+        self._progress = asyncio.Condition()
         self.refuse: str | None = None  # raise InvalidPromptError with this message from generate
 
     async def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
@@ -118,11 +119,18 @@ class GateBackend:
     async def ready(self) -> bool:
         return True
 
+    async def wait_started(self, n: int) -> None:
+        """Until ``n`` requests have reached ``generate``."""
+        async with self._progress:
+            await self._progress.wait_for(lambda: self.started >= n)
+
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         if self.refuse:
             raise InvalidPromptError(self.refuse)
         self.requests.append(request)
-        self.started += 1
+        async with self._progress:
+            self.started += 1
+            self._progress.notify_all()
         await self.release.wait()
         yield CanvasEvent(request.request_id, [5, 6], "ok", 0)
         yield FinalEvent(request.request_id, "length", RequestStats(new_tokens=2))
@@ -191,8 +199,7 @@ async def test_concurrent_requests_per_key_are_capped_with_429():
     backend.release.clear()
     async with client(keyed_app(backend, max_concurrent=2)) as c:
         held = [asyncio.create_task(c.post("/v1/completions", json=BODY, headers=bearer(KEY_A))) for _ in range(2)]
-        while backend.started < 2:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(backend.wait_started(2), 30)
         r = await c.post("/v1/completions", json=BODY, headers=bearer(KEY_A))
         assert r.status_code == 429
         assert r.headers["retry-after"] == "1"
@@ -201,8 +208,7 @@ async def test_concurrent_requests_per_key_are_capped_with_429():
         assert "'alpha'" in r.json()["error"]["message"] and KEY_A not in r.text
         assert (await c.get("/v1/models", headers=bearer(KEY_A))).status_code == 200  # only generation counts
         other = asyncio.create_task(c.post("/v1/completions", json=BODY, headers=bearer(KEY_B)))
-        while backend.started < 3:
-            await asyncio.sleep(0.01)  # another key is not limited by alpha's requests
+        await asyncio.wait_for(backend.wait_started(3), 30)  # another key is not limited by alpha's requests
         backend.release.set()
         assert [t.status_code for t in await asyncio.gather(*held, other)] == [200, 200, 200]
         # the slots were released when the responses finished

@@ -11,17 +11,19 @@ from ray.serve._private.common import DeploymentID, ReplicaID, TimeStampedValue
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from dgserve.config import AutoscalingSettings
-from dgserve.routing.autoscaling import (
-    POLICY_IMPORT_PATH,
+from dgserve.replicas.capacity import (
     STAT_ACTIVE,
     STAT_CAPACITY,
     STAT_QUEUED,
     STAT_TOKENS_PER_S,
     CapacityEstimator,
-    ThroughputAutoscalingPolicy,
-    autoscaling_config,
     engine_occupancy,
     queued_canvases,
+)
+from dgserve.routing.autoscaling import (
+    POLICY_IMPORT_PATH,
+    ThroughputAutoscalingPolicy,
+    autoscaling_config,
     validated_autoscaling_config,
 )
 

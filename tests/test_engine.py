@@ -82,7 +82,8 @@ def test_batch_invariance_staggered(tiny):
     assert flips == 0
 
 
-@pytest.mark.parametrize("threads", [1, 2])
+# two threads on a busy 2-core machine take a minute (the threads contend): the slow lane
+@pytest.mark.parametrize("threads", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_batch_invariance_is_bitwise_without_chunking(tiny, threads):
     """Prompts prefilled whole (as the reference and ``generate_single`` do), among them prompts of 1-3 and
     5-11 tokens that BLAS rounds differently when packed: every step's logits of every request are bit for
@@ -137,7 +138,9 @@ def test_memory_budget_32_requests_complete(tiny):
         solo = generate_single(tiny.model, r.prompt_ids, max_tokens=r.max_tokens, seed=r.seed, sampling=SAMPLING,
                                ignore_eos=True)
         assert tokens[r.request_id] == solo.token_ids
-    assert engine.pool.num_used_blocks("full") == len(engine.prefix_cache) if engine.prefix_cache else True
+    # no leak: once every request is done, the only blocks in use are the prefix cache's own (on by default)
+    assert engine.prefix_cache is not None
+    assert engine.pool.num_used_blocks("full") == len(engine.prefix_cache)
 
 
 def test_prefix_cache_prefills_shared_system_prompt_once(tiny):
@@ -196,7 +199,7 @@ def test_async_engine_streams_and_cancels(tiny):
                                sampling=SAMPLING, ignore_eos=True)
         assert [t for e in events if isinstance(e, CanvasEvent) for t in e.token_ids] == solo.token_ids
         r2 = _requests(1, seed=5)[0]
-        r2.max_tokens = 10_000
+        r2.max_tokens = engine.max_tokens_that_fit(r2)  # as long as the cache allows: ~125 canvases
         r2.request_id = "long"
         agen = aeng.generate(r2)
         first = await agen.__anext__()

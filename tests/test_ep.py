@@ -141,12 +141,14 @@ def _requests_for(rank: int, world: int):
     return out
 
 
-async def _consume(engine, request):
+async def _consume(engine, request, on_first_canvas=None):
     from dgserve.engine.request import CanvasEvent, FinalEvent
 
     tokens, final = [], None
     async for ev in engine.generate(request):
         if isinstance(ev, CanvasEvent):
+            if not tokens and on_first_canvas is not None:
+                on_first_canvas()
             tokens.extend(ev.token_ids)
         elif isinstance(ev, FinalEvent):
             final = ev
@@ -249,15 +251,12 @@ def _engine_scenario(rank, world, group, full, ckpt, placement, result):
         assert len(recorded[req.request_id]) == len(solo.step_logits)
         for a, b in zip(recorded[req.request_id], solo.step_logits, strict=True):
             logit_err = max(logit_err, float((a - b.to(a.device)).abs().max()))
-    # every rank finished its own requests; wait for the others before stopping the group together
+    # every rank finished its own requests; wait for the others, then stop the group together: the ranks agree
+    # on the stop at one step, so the final counts below are equal on every rank
     group.store.set(f"engine-done/{rank}", "1")
     group.store.wait([f"engine-done/{r}" for r in range(world)])
-    settled = -1
-    while ep.steps != settled:  # let the last lockstep step finish its bookkeeping on every rank
-        settled = ep.steps
-        time.sleep(0.2)
-    stats = ep.stats()  # a faster peer may already have stopped the group: that is not a failure
     ep.shutdown()
+    stats = ep.stats()
     result.update(engine_tokens_equal=token_ok, engine_logit_err=logit_err, engine_finals=finals,
                   engine_requests=len(requests), engine_empty_forwards=stats["ep_rank_empty_forwards"],
                   engine_steps=stats["ep_steps"], engine_imbalance=stats.get("ep_imbalance"),
@@ -280,28 +279,25 @@ def _failure_scenarios(rank, world, group, ckpt, placement, result):
     short = sub_group(group, timeout_s=2.0)
     if rank == 0:
         ep = build_ep_engine(ckpt, short, placement, engine_config=cfg)
-        t0 = time.monotonic()
         _, final = asyncio.run(_consume(ep, long_request))
-        result["timeout_final"] = [final.finish_reason, final.error, time.monotonic() - t0]
+        result["timeout_final"] = [final.finish_reason, final.error]
         try:
             ep.check_health()
             result["timeout_health"] = "healthy"
         except EngineFailed as exc:
             result["timeout_health"] = str(exc)
-    else:
-        time.sleep(4.0)
+    # rank 1 stays alive without taking part until rank 0 has seen its collective time out
     group.store.set(f"timeout-done/{rank}", "1")
     group.store.wait([f"timeout-done/{r}" for r in range(world)])
-    # (b) rank 1's process dies while rank 0 serves a long request
+    # (b) rank 1's process dies while rank 0 serves a long request (after its first canvas)
     ep = build_ep_engine(ckpt, group, placement, engine_config=cfg, owns_group=True)
     if rank == 1:
-        while ep.steps < 3:
-            time.sleep(0.01)
+        group.store.wait(["death/first-canvas"])
         _write(result, rank)
         os._exit(0)
-    t0 = time.monotonic()
-    tokens, final = asyncio.run(_consume(ep, long_request))
-    result["death_final"] = [final.finish_reason, final.error, time.monotonic() - t0, len(tokens)]
+    tokens, final = asyncio.run(_consume(ep, long_request,
+                                         on_first_canvas=lambda: group.store.set("death/first-canvas", "1")))
+    result["death_final"] = [final.finish_reason, final.error, len(tokens)]
     result["death_retryable"] = final.retryable
     # a request arriving after the failure is refused at once, retryably (the ingress fails it over)
     late = GenerationRequest(prompt_ids=[1, 2], max_tokens=8, seed=2, request_id="late")
@@ -424,20 +420,22 @@ def _check_group(results: list[dict], world: int, exact: bool = False) -> None:
         assert results[0]["engine"]["engine_imbalance"] is not None
 
 
+@pytest.mark.slow  # W spawned processes, each importing torch and loading the model
 def test_ep2_gloo_matches_single_process_and_fails_cleanly(tiny_ckpt, tmp_path):
     results = run_group(2, tiny_ckpt, tmp_path, scenarios="engine,failure")
     _check_group(results, 2, exact=True)
-    reason, error, seconds = results[0]["timeout_final"]
+    reason, error = results[0]["timeout_final"]
     assert reason == "error" and "EP rank 0 failed" in error, error
-    assert seconds < 15, seconds  # bounded by the 2 s collective timeout, not forever
+    assert "timed out" in error.lower(), error  # the group's 2 s collective timeout ended it, not a hang's deadline
     assert "failed" in results[0]["timeout_health"]
-    reason, error, seconds, _ = results[0]["death_final"]
+    reason, error, tokens = results[0]["death_final"]
     assert reason == "error" and ("closed" in error.lower() or "peer" in error.lower() or "failed" in error), error
-    assert seconds < 30, seconds
+    assert tokens > 0  # it failed mid-request, after its first canvas
     assert results[0]["death_retryable"] is True  # the group's failure, not the request's
     assert results[0]["late_final"] == ["error", True, 1]
 
 
+@pytest.mark.slow  # W spawned processes, each importing torch and loading the model
 def test_ep4_gloo_matches_single_process(tiny_ckpt, tmp_path):
     results = run_group(4, tiny_ckpt, tmp_path)
     _check_group(results, 4, exact=True)

@@ -32,7 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "helm" / "dgserve"
 DGX = CHART / "examples" / "dgx-values.yaml"
 KUBE_VERSION = "1.30.0"
-CRD_NAME = "ray.io_rayservices.yaml"
 CUSTOM_GROUPS = ("ray.io/", "monitoring.coreos.com/")
 
 # (name, values files, extra values) rendered by the tests below
@@ -80,14 +79,18 @@ def rendered() -> dict[str, list[dict]]:
     return {name: _objects(_render(_values(files, extra))) for name, (files, extra) in VARIANTS.items()}
 
 
+# KubeRay's RayService CRD lives beside the repository (../shared/k8s), read in place: it is not ours to copy
+SHARED_CRD = REPO.parent / "shared" / "k8s" / "ray.io_rayservices.yaml"
+
+
 @functools.cache
 def _crd_schema() -> dict:
-    for base in (Path(__file__).resolve().parents[2] / "shared" / "k8s", Path("/work/shared/k8s")):
-        if (base / CRD_NAME).is_file():
-            crd = yaml.safe_load((base / CRD_NAME).read_text())
-            (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-            return v1["schema"]["openAPIV3Schema"]
-    pytest.skip(f"the KubeRay CRD copy (../shared/k8s/{CRD_NAME}) is not here; RayService schema check skipped")
+    """The RayService v1 schema of KubeRay's CRD."""
+    if not SHARED_CRD.is_file():
+        pytest.skip(f"KubeRay's CRD ({SHARED_CRD}, i.e. ../shared/k8s beside the repository) is not on this machine")
+    crd = yaml.safe_load(SHARED_CRD.read_text())
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return v1["schema"]["openAPIV3Schema"]
 
 
 @functools.cache
@@ -173,7 +176,7 @@ def test_unknown_fields_are_rejected_by_the_closed_crd_schema(rendered):
 def test_rayjob_cluster_spec_validates_against_the_crd_cluster_schema(rendered):
     (job,) = [d for d in rendered["dgx+batch"] if d["kind"] == "RayJob"]
     assert job["apiVersion"] == "ray.io/v1"
-    # the RayJob CRD is not in ../shared: its own fields are checked against KubeRay v1's RayJobSpec by name
+    # no copy of the RayJob CRD is at hand: its own fields are checked against KubeRay v1's RayJobSpec by name
     assert set(job["spec"]) <= {"entrypoint", "shutdownAfterJobFinishes", "ttlSecondsAfterFinished",
                                 "activeDeadlineSeconds", "submitterPodTemplate", "rayClusterSpec", "runtimeEnvYAML",
                                 "submissionMode", "backoffLimit", "entrypointNumCpus", "entrypointNumGpus"}

@@ -80,12 +80,15 @@ def test_split_budget_never_exceeds_budget(config: ModelConfig, budget_mib: int,
     full_b, sliding_b = block_bytes(config, "full", bs, dtype), block_bytes(config, "sliding", bs, dtype)
     used = split.full * full_b + split.sliding * sliding_b
     assert used <= budget
-    assert split.sliding * sliding_b <= budget // 2  # the full space keeps at least half
     assert budget - used < full_b  # nothing left that would fit one more full block
     t = config.text
     chunk = max(config.canvas_length if max_chunk is None else max_chunk, config.canvas_length)
     per_seq = -(-(t.sliding_window - 1 + chunk) // bs) + 1
-    assert split.sliding == min(max_seqs * per_seq, (budget // 2) // sliding_b)
+    # the sliding space is sized from max_seqs, leaving the full space a chunk and a canvas per sequence (at
+    # most half the budget)
+    full_floor = min(budget // 2, max_seqs * full_b * -(-(chunk + config.canvas_length) // bs))
+    assert split.sliding == min(max_seqs * per_seq, (budget - full_floor) // sliding_b)
+    assert split.full * full_b >= full_floor - full_b
     assert split.sliding >= per_seq
 
 
@@ -236,9 +239,8 @@ def test_shared_blocks_survive_free_of_one_sequence() -> None:
     written = write_all_layers(pool, a, 8, gen)
     # b shares a's two blocks in both spaces (as the prefix cache's attach does).
     b = pool.new_table()
-    pool.allocators["full"].incref(a.full)
-    pool.allocators["sliding"].incref(a.sliding)  # type: ignore[arg-type]
-    b.full, b.sliding, b.layer_len = list(a.full), list(a.sliding), [8] * pool.num_layers
+    pool.attach_prefix(b, a.full, a.sliding, a.sliding_start)
+    assert b.num_tokens == 8
     assert pool.num_used_blocks("full") == 2
     pool.free(a)
     assert pool.num_used_blocks("full") == 2 and pool.num_used_blocks("sliding") == 2

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dgserve.engine.kv_pages import BlockTable, KVPagePool, PagedKV
-from dgserve.engine.prefix_cache import ROOT_KEY, PrefixCache, block_keys, hash_block
+from dgserve.engine.prefix_cache import PrefixCache
+from dgserve.engine.prefix_keys import ROOT_KEY, affinity_key, block_keys, hash_block
 from dgserve.model.config import TINY_RANDOM, ModelConfig
 
 CFG = TINY_RANDOM  # layers: sliding, full, sliding, full; window 16
@@ -68,12 +69,21 @@ def test_block_keys_are_stable_and_chained() -> None:
     assert block_keys([5, 6, 7, 8], 4, parent=k1) == keys[1:]
 
 
+def test_affinity_key_names_the_cached_block_of_the_prefix() -> None:
+    """The router's key is the cache key of the last whole block within the hashed prefix."""
+    ids = list(range(1, 40))
+    assert affinity_key(ids, 4, 16) == block_keys(ids, 4)[3].hex()
+    assert affinity_key(ids, 4, 18) == affinity_key(ids, 4, 16)  # a partial block adds nothing
+    assert affinity_key(ids, 4, 1000) == block_keys(ids, 4)[-1].hex()
+    assert affinity_key(ids[:3], 4, 16) is None and affinity_key(ids, 4, 3) is None  # no whole block
+
+
 def test_match_attach_insert_reuses_blocks() -> None:
     cache = make_cache()
     pool = cache.pool
     a_ids = prompt(0, 20)
     a = prefill(cache, a_ids)
-    assert len(cache) == 5 and a.block_keys == block_keys(a_ids, BS)
+    assert len(cache) == 5 and cache.chain(a) == block_keys(a_ids, BS)
     a_full = list(a.full)
     pool.free(a)
     assert pool.num_used_blocks("full") == 5  # the cache keeps its own references

@@ -51,6 +51,22 @@ def test_failed_replicas_go_last_and_never_by_affinity():
     assert rank_replicas([], S) == []
 
 
+def test_router_prefix_affinity_setting():
+    """``router.prefix_affinity: false`` (the Helm value) turns the router's affinity key off; on, the key is the
+    prefix cache's key of the prompt's last whole block within ``affinity_prefix_tokens``."""
+    from types import SimpleNamespace
+
+    from dgserve.engine.prefix_keys import affinity_key
+    from dgserve.routing.replica_router import CanvasRouter
+
+    pending = SimpleNamespace(args=[GenerationRequest(prompt_ids=list(range(40)))])
+    router = CanvasRouter.__new__(CanvasRouter)  # only the routing state; Serve's own setup is not needed here
+    router.initialize_state(prefix_affinity=True, affinity_prefix_tokens=16, block_size=4)
+    assert router._key(pending) == affinity_key(list(range(40)), 4, 16) is not None
+    router.initialize_state(prefix_affinity=False, affinity_prefix_tokens=16, block_size=4)
+    assert router._key(pending) is None
+
+
 def test_failover_delay_backs_off_and_caps():
     assert [failover_delay(n, 0.25) for n in range(1, 7)] == [0.0, 0.25, 0.5, 1.0, 2.0, 2.0]
     assert failover_delay(5, 0.0) == 0.0

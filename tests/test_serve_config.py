@@ -130,6 +130,7 @@ def test_build_reads_and_merges_helm_values_files(tmp_path, capsys):
     ("replicas: {num_replica: 2}\n", ".yaml", "replicas.num_replica: unknown field"),
     ("model: {dtype: float8}\n", ".yaml", "model.dtype: Input should be"),
     ("replicas: {autoscaling: {min_replicas: 4, max_replicas: 2}}\n", ".yaml", "max_replicas (2) < min_replicas"),
+    ("replicas: {ep_num_redundant: 2, ep_placement: contiguous}\n", ".yaml", "it needs ep_placement: load_aware"),
     ("replicas: [\n", ".yaml", "not valid YAML"),
     ('{"name": "x",}', ".json", "line 1: not valid JSON"),
     ("- a\n- b\n", ".yaml", "expected a mapping"),

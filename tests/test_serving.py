@@ -4,14 +4,13 @@ client: completions, chat, streaming, errors, concurrency, failover, overload, d
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import time
 
 import httpx
 import openai
 import pytest
 import torch
+from reliability.harness import replica_actors
 
 from dgserve.config import DeployConfig
 from dgserve.engine.single import generate_single
@@ -130,23 +129,12 @@ def test_32_concurrent_streams_equal_solo_runs(main_app, solo):
     assert differ == []  # bit for bit, also for the requests that shared forwards (dgserve.model.batch_invariance)
 
 
-def _replica_actors(app_name: str):
-    import ray
-
-    actors = []
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if f"SERVE_REPLICA::{app_name}#ModelReplica" in entry["name"]:
-            with contextlib.suppress(ValueError):  # died in between
-                actors.append(ray.get_actor(entry["name"], namespace=entry["namespace"]))
-    return actors
-
-
 def test_failover_mid_stream_keeps_the_text(main_app, solo):
     import ray
 
     prompt, max_tokens, seed = "a long story", 32 * 6, 11
     expected = solo(prompt, max_tokens, seed)
-    assert len(_replica_actors("dgserve")) == 2
+    assert len(replica_actors("dgserve")) == 2
     received = ""
     killed = False
     with httpx.stream("POST", main_app + "/v1/completions", timeout=300,
@@ -162,7 +150,7 @@ def test_failover_mid_stream_keeps_the_text(main_app, solo):
                 received += chunk["choices"][0]["text"]
             if received and not killed:
                 # the replica that runs the request reports it in its routing stats
-                for actor in _replica_actors("dgserve"):
+                for actor in replica_actors("dgserve"):
                     stats = ray.get(actor.record_routing_stats.remote())
                     if stats.get("running", 0) > 0:
                         ray.kill(actor, no_restart=False)
@@ -187,6 +175,38 @@ def test_overload_answers_429_with_retry_after(small_app):
             assert r.json()["error"]["type"]
 
 
+def test_the_default_config_sheds_overload_with_429(serve_http):
+    """No queue knob set (engine.max_waiting unset, Serve's defaults): the replica takes its batch plus what it
+    can serve within a tenth of the request timeout at its (prior) throughput, and answers the rest 429 at once.
+    Here: 200 tokens/s x 0.8 s / 32-token requests -> 5 queued behind a batch of 64 = 69 in flight."""
+    from ray import serve
+
+    from dgserve.replicas.admission import QUEUE_WAIT_SHARE
+
+    url = _deploy(serve_http, "defaults", "/defaults", {"ingress": {"request_timeout_s": 8.0}})
+    config = DeployConfig.from_args({"ingress": {"request_timeout_s": 8.0}})
+    assert config.engine.max_waiting is None and config.replicas.capacity_prior_tokens_per_s == 200.0
+    bound = config.engine.max_running + int(200.0 * 8.0 * QUEUE_WAIT_SHARE / 32)
+    try:
+        async def main():
+            limits = httpx.Limits(max_connections=200)
+            async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+                body = {"model": MODEL, "prompt": "busy", "max_tokens": 32, "seed": 1, "ignore_eos": True,
+                        "max_denoising_steps": 4}
+                return await asyncio.gather(*(client.post(url + "/v1/completions", json=body)
+                                              for _ in range(bound + 30)))
+
+        responses = asyncio.run(main())
+    finally:
+        serve.delete("defaults")
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429}, sorted(codes)
+    assert codes.count(429) >= 10 and codes.count(200) >= bound - 10, (codes.count(200), codes.count(429))
+    for r in responses:
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "server_overloaded"
+
+
 def test_client_disconnect_frees_engine_memory(small_app):
     import ray
 
@@ -195,13 +215,11 @@ def test_client_disconnect_frees_engine_memory(small_app):
         for line in resp.iter_lines():
             if line.startswith("data: {"):
                 break  # first canvas arrived: hang up
-    actor = _replica_actors("small")[0]
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        stats = ray.get(actor.record_routing_stats.remote())
-        if stats["running"] == 0 and stats["waiting"] == 0 and stats["kv_blocks_used"] == 0:
-            break
-        time.sleep(0.2)
+    from ray import serve
+
+    replica = serve.get_deployment_handle("ModelReplica", app_name="small")
+    assert replica.drain.remote(60.0).result(timeout_s=120), "the abandoned request was not cancelled in 60 s"
+    stats = ray.get(replica_actors("small")[0].record_routing_stats.remote())
     assert stats["running"] == 0 and stats["waiting"] == 0
     assert stats["kv_blocks_used"] == 0  # every page of the abandoned request is back in the pool
 
@@ -209,12 +227,14 @@ def test_client_disconnect_frees_engine_memory(small_app):
 def test_expert_parallel_gang_serves_the_same_text(serve_http, solo):
     """ep_size=2: two gang-scheduled ranks hold half the experts each; a request on either rank gives the
     single-device text for its seed."""
-    url = _deploy(serve_http, "ep", "/ep", {"replicas": {"num_replicas": 1, "ep_size": 2, "num_cpus": 0.5},
-                                            "engine": {"kv_cache_memory": 16 << 20, "max_running": 8}})
-    c = _client(url)
-    for seed in (5, 6, 7):
-        r = c.completions.create(model=MODEL, prompt="expert parallel", max_tokens=40, seed=seed)
-        assert r.choices[0].text == solo("expert parallel", 40, seed)
     from ray import serve
 
-    serve.delete("ep")
+    url = _deploy(serve_http, "ep", "/ep", {"replicas": {"num_replicas": 1, "ep_size": 2, "num_cpus": 0.5},
+                                            "engine": {"kv_cache_memory": 16 << 20, "max_running": 8}})
+    try:
+        c = _client(url)
+        for seed in (5, 6, 7):
+            r = c.completions.create(model=MODEL, prompt="expert parallel", max_tokens=40, seed=seed)
+            assert r.choices[0].text == solo("expert parallel", 40, seed)
+    finally:
+        serve.delete("ep")

@@ -33,8 +33,8 @@ def test_openai_client_sends_a_png_to_dgserve_run(vision_reference, tmp_path: Pa
 
     model_dir = tmp_path / "vision-tiny"
     shutil.copytree(vision_reference[1], model_dir)
-    with dgserve_run(["--model", str(model_dir)], tmp_path / "dgserve-run.log") as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=120, max_retries=0)
+    with dgserve_run(["--model", str(model_dir)], tmp_path) as run:
+        client = openai.OpenAI(base_url=f"{run.base}/v1", api_key="unused", timeout=120, max_retries=0)
         text = "what colours does this picture have? describe them one by one"
 
         def ask(image_url: str):

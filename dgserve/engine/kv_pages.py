@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -96,8 +96,6 @@ class BlockTable:
     sliding: list[int | None] = field(default_factory=list)
     sliding_start: int = 0
     layer_len: list[int] = field(default_factory=list)
-    # Prefix-cache keys of the leading blocks already attached or inserted (PrefixCache's bookkeeping).
-    block_keys: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.layer_len:
@@ -164,7 +162,10 @@ def split_budget(config: ModelConfig, budget_bytes: int, block_size: int = 16,
         # A window of W - 1 cached positions plus one chunk or canvas, on any block alignment.
         per_seq = math.ceil((t.sliding_window - 1 + max(chunk, config.canvas_length)) / block_size) + 1
     wanted = max_seqs * per_seq
-    num_sliding = min(wanted, (budget_bytes // 2) // sliding_bytes) if sliding_bytes else 0
+    # the full space keeps room for every sequence's chunk and canvas (at most half the budget); the sliding
+    # space takes what max_seqs windows need out of the rest
+    full_floor = min(budget_bytes // 2, max_seqs * full_bytes * math.ceil((chunk + config.canvas_length) / block_size))
+    num_sliding = min(wanted, (budget_bytes - full_floor) // sliding_bytes) if sliding_bytes else 0
     num_full = (budget_bytes - num_sliding * sliding_bytes) // full_bytes
     if num_full < 1 or num_sliding < per_seq:
         need = max(2 * per_seq * sliding_bytes, per_seq * sliding_bytes + full_bytes)
@@ -173,8 +174,8 @@ def split_budget(config: ModelConfig, budget_bytes: int, block_size: int = 16,
             f"bytes ({per_seq} sliding blocks of {sliding_bytes} B for a window of {t.sliding_window} plus a "
             f"chunk of {chunk}, and full blocks of {full_bytes} B); raise the budget or lower max_chunk")
     if num_sliding < wanted:
-        log.warning("KV sliding space capped at half the budget: %d blocks hold the windows of %d "
-                    "sequences, not max_seqs=%d", num_sliding, num_sliding // per_seq, max_seqs)
+        log.warning("KV budget too small for max_seqs: %d sliding blocks hold the windows of %d sequences, not "
+                    "max_seqs=%d", num_sliding, num_sliding // per_seq, max_seqs)
     return BlockCount(num_full, num_sliding)
 
 
@@ -240,8 +241,9 @@ class KVPagePool:
         """Split ``budget_bytes`` between the two spaces.
 
         The sliding space gets enough blocks for ``max_seqs`` sequences each holding a window plus one
-        prefill chunk or canvas (``max_chunk`` defaults to the canvas length), capped at half the
-        budget; the full space gets the rest. Raises ValueError when the budget cannot hold one sequence.
+        prefill chunk or canvas (``max_chunk`` defaults to the canvas length), as long as the full space keeps
+        a chunk and a canvas for each of them (at most half the budget); the full space gets the rest.
+        Raises ValueError when the budget cannot hold one sequence.
         """
         split = split_budget(config, budget_bytes, block_size, dtype, max_seqs, max_chunk)
         return cls(config, split.full, split.sliding, block_size=block_size, dtype=dtype, device=device,
@@ -282,6 +284,35 @@ class KVPagePool:
     def token_capacity(self) -> int:
         """Positions the full space can hold (over all sequences and the prefix cache)."""
         return self.allocators["full"].num_blocks * self.block_size
+
+    # -- sharing blocks (the prefix cache) --
+    def set_evictor(self, evictor: BlockEvictor) -> None:
+        assert self.evictor is None, "the pool already has a prefix cache"
+        self.evictor = evictor
+
+    def refcount(self, space: Space, block: int) -> int:
+        return self.allocators[space].refcount(block)
+
+    def hold(self, space: Space, blocks: Iterable[int]) -> None:
+        """Take one more reference to blocks already in use (they stay allocated until every holder lets go)."""
+        self.allocators[space].incref(blocks)
+
+    def release(self, space: Space, blocks: Iterable[int]) -> int:
+        """Drop one reference to each block; returns how many became free."""
+        return self.allocators[space].decref(blocks)
+
+    def attach_prefix(self, table: BlockTable, full: Sequence[int], sliding: Sequence[int | None],
+                      sliding_start: int) -> None:
+        """Make a fresh ``table`` start with written blocks that others hold (a prefix-cache hit): positions
+        ``[0, len(full) * block_size)``; ``sliding`` is aligned with ``full``, held from ``sliding_start``."""
+        assert not table.full and not table.sliding and table.num_tokens == 0, "attach_prefix needs a fresh table"
+        self.hold("full", full)
+        table.full = list(full)
+        if self.sliding_layers:
+            self.hold("sliding", sliding[sliding_start:])  # type: ignore[arg-type]
+            table.sliding = list(sliding)
+            table.sliding_start = sliding_start
+        table.layer_len = [len(full) * self.block_size] * table.num_layers
 
     # -- allocation --
     def new_table(self) -> BlockTable:
@@ -353,7 +384,6 @@ class KVPagePool:
         table.sliding.clear()
         table.sliding_start = 0
         table.layer_len = [0] * table.num_layers
-        table.block_keys.clear()
 
 
 class PagedKV:

@@ -77,6 +77,7 @@ class AsyncEngine:
         self._busy = False
         self._snapshot: dict[str, float | int] = {}
         self._snapshot_at = 0.0
+        self._snapshot_applied = 0
         self._refresh_snapshot()
         self._thread = threading.Thread(target=self._run, name=f"dgserve-{self._label.replace(' ', '-')}",
                                         daemon=True)
@@ -126,7 +127,8 @@ class AsyncEngine:
                 lambda: self.failed is not None or (self._applied >= target and not self._busy), timeout_s)
 
     def stats(self) -> dict[str, float | int]:
-        """The engine's stats (and the barrier's) as of the last step or idle poll, at most ~0.5 s old."""
+        """The engine's stats (and the barrier's) as of the last step, inbox change or idle poll (at most ~0.5 s
+        old; current once ``drain()`` has returned True)."""
         out = dict(self._snapshot)
         if self.barrier is not None:
             out["ep_failed"] = int(self.failed is not None)
@@ -234,8 +236,8 @@ class AsyncEngine:
             return list(self.engine.fail_all(f"engine step failed: {exc}"))
 
     def _idle(self) -> None:
-        if time.monotonic() - self._snapshot_at > IDLE_WAIT_S:
-            self._refresh_snapshot()
+        if self._applied != self._snapshot_applied or time.monotonic() - self._snapshot_at > IDLE_WAIT_S:
+            self._refresh_snapshot()  # before drain() waiters wake: they may read stats() next
         self._publish_progress()
 
     def _publish_progress(self) -> None:
@@ -249,6 +251,7 @@ class AsyncEngine:
             snap.update(self.barrier.stats())
         self._snapshot = snap
         self._snapshot_at = time.monotonic()
+        self._snapshot_applied = self._applied
 
     def _deliver(self, events: list[Event]) -> None:
         for ev in events:

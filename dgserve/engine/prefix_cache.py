@@ -5,35 +5,12 @@ recomputing them. Blocks held only by the cache are evicted least recently used 
 
 from __future__ import annotations
 
-import hashlib
-import sys
-from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dgserve.engine.kv_pages import BlockTable, KVPagePool, Space
-
-ROOT_KEY = b""  # the parent key of a sequence's first block
-
-
-def hash_block(parent: bytes, tokens: Sequence[int]) -> bytes:
-    """Key of a block: a stable digest of its parent's key and its token ids (same on every host)."""
-    data = array("q", tokens)
-    if sys.byteorder == "big":
-        data.byteswap()  # hash little-endian bytes everywhere, so routers on any host agree
-    h = hashlib.blake2b(parent, digest_size=16)
-    h.update(data.tobytes())
-    return h.digest()
-
-
-def block_keys(token_ids: Sequence[int], block_size: int, parent: bytes = ROOT_KEY) -> list[bytes]:
-    """Keys of the complete blocks of ``token_ids`` (the chain continues from ``parent``)."""
-    keys = []
-    for j in range(len(token_ids) // block_size):
-        parent = hash_block(parent, token_ids[j * block_size:(j + 1) * block_size])
-        keys.append(parent)
-    return keys
+from dgserve.engine.prefix_keys import ROOT_KEY, hash_block
 
 
 @dataclass(eq=False)
@@ -91,15 +68,16 @@ class PrefixCache:
     """
 
     def __init__(self, pool: KVPagePool) -> None:
-        assert pool.evictor is None, "the pool already has a prefix cache"
         self.pool = pool
         self.block_size = pool.block_size
         # Insertion order is recency order (oldest first) for the full blocks of all entries ...
         self._entries: OrderedDict[bytes, CachedBlock] = OrderedDict()
         # ... and, separately, for the entries still holding a sliding block.
         self._sliding_lru: OrderedDict[bytes, None] = OrderedDict()
+        # Per live table: the keys of its leading blocks already attached or inserted (dropped when it is freed).
+        self._chains: dict[BlockTable, list[bytes]] = {}
         self.stats = PrefixCacheStats()
-        pool.evictor = self
+        pool.set_evictor(self)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -110,6 +88,10 @@ class PrefixCache:
 
     def num_cached_blocks(self, space: Space = "full") -> int:
         return len(self._entries) if space == "full" else len(self._sliding_lru)
+
+    def chain(self, table: BlockTable) -> list[bytes]:
+        """Keys of ``table``'s leading blocks that this cache knows (attached or inserted)."""
+        return list(self._chains.get(table, ()))
 
     # -- lookup --
     def match(self, prompt_ids: Sequence[int], window: int | None = None, min_tail: int | None = None,
@@ -179,7 +161,6 @@ class PrefixCache:
         Call it for every admitted request (an empty match counts as a miss), right after
         :meth:`match`: an allocation in between may evict the matched blocks.
         """
-        assert not table.full and not table.sliding and table.num_tokens == 0, "attach needs a fresh table"
         s = self.stats
         s.queried_tokens += match.prompt_len
         if match.num_blocks == 0:
@@ -192,17 +173,11 @@ class PrefixCache:
             assert entry is not None and entry.full == match.full_blocks[j] and (
                 match.sliding_blocks[j] is None or entry.sliding == match.sliding_blocks[j]), (
                 "stale PrefixMatch: its blocks were evicted between match() and attach()")
-        self.pool.allocators["full"].incref(match.full_blocks)
-        table.full = list(match.full_blocks)
+        self.pool.attach_prefix(table, match.full_blocks, match.sliding_blocks, match.sliding_start)
         if self.pool.sliding_layers:
-            window_blocks = match.sliding_blocks[match.sliding_start:]
-            self.pool.allocators["sliding"].incref(window_blocks)  # type: ignore[arg-type]
-            table.sliding = list(match.sliding_blocks)
-            table.sliding_start = match.sliding_start
             for key in match.keys[match.sliding_start:]:
                 self._sliding_lru.move_to_end(key)
-        table.layer_len = [match.num_tokens] * table.num_layers
-        table.block_keys = list(match.keys)
+        self._chains[table] = list(match.keys)
         for key in reversed(match.keys):
             self._entries.move_to_end(key)
 
@@ -217,9 +192,9 @@ class PrefixCache:
         """
         bs = self.block_size
         n_blocks = min(len(token_ids), table.num_tokens) // bs
-        start = len(table.block_keys)
-        parent = table.block_keys[-1] if start else ROOT_KEY
-        full_alloc, sliding_alloc = self.pool.allocators["full"], self.pool.allocators["sliding"]
+        chain = self._chains.setdefault(table, [])
+        start = len(chain)
+        parent = chain[-1] if start else ROOT_KEY
         added = 0
         for j in range(start, n_blocks):
             key = hash_block(parent, token_ids[j * bs:(j + 1) * bs])
@@ -228,36 +203,36 @@ class PrefixCache:
             if entry is None:
                 # Another sequence may have cached the same prefix in other blocks: the first one wins.
                 entry = CachedBlock(key, table.full[j], None)
-                full_alloc.incref([entry.full])
+                self.pool.hold("full", [entry.full])
                 self._entries[key] = entry
                 added += 1
             if entry.sliding is None and sliding is not None:
                 entry.sliding = sliding
-                sliding_alloc.incref([sliding])
+                self.pool.hold("sliding", [sliding])
             if entry.sliding is not None:
                 # Forward order: the blocks nearest the chain's end (what a match needs) go last.
                 self._sliding_lru[key] = None
                 self._sliding_lru.move_to_end(key)
-            table.block_keys.append(key)
+            chain.append(key)
             parent = key
-        for key in reversed(table.block_keys[start:]):
+        for key in reversed(chain[start:]):
             self._entries.move_to_end(key)
         self.stats.inserted_blocks += added
         return added
 
     def on_free(self, table: BlockTable) -> None:
         """Refresh the recency of a finishing sequence's chain (called by ``KVPagePool.free``)."""
-        for key in reversed(table.block_keys):
+        for key in reversed(self._chains.pop(table, ())):
             if key in self._entries:
                 self._entries.move_to_end(key)
 
     # -- eviction --
     def num_evictable(self, space: Space = "full") -> int:
         # A linear scan: eviction only runs when the pool is out of free blocks.
-        alloc = self.pool.allocators[space]
+        refcount = self.pool.refcount
         if space == "full":
-            return sum(1 for e in self._entries.values() if alloc.refcount(e.full) == 1)
-        return sum(1 for key in self._sliding_lru if alloc.refcount(self._entries[key].sliding) == 1)  # type: ignore[arg-type]
+            return sum(1 for e in self._entries.values() if refcount("full", e.full) == 1)
+        return sum(1 for key in self._sliding_lru if refcount("sliding", self._entries[key].sliding) == 1)  # type: ignore[arg-type]
 
     def evict(self, n_blocks: int, space: Space = "full") -> int:
         """Free up to ``n_blocks`` blocks of ``space`` held only by the cache, least recently used
@@ -265,23 +240,23 @@ class PrefixCache:
         evicting a sliding block keeps the entry, usable where it is outside a match's window."""
         if n_blocks <= 0:
             return 0
-        full_alloc, sliding_alloc = self.pool.allocators["full"], self.pool.allocators["sliding"]
+        refcount = self.pool.refcount
         if space == "full":
             victims = []
             for entry in self._entries.values():
-                if full_alloc.refcount(entry.full) == 1:
+                if refcount("full", entry.full) == 1:
                     victims.append(entry)
                     if len(victims) == n_blocks:
                         break
             for entry in victims:
                 del self._entries[entry.key]
-                full_alloc.decref([entry.full])
+                self.pool.release("full", [entry.full])
                 self._drop_sliding(entry)
             self.stats.evicted_blocks += len(victims)
             return len(victims)
         victim_keys = []
         for key in self._sliding_lru:
-            if sliding_alloc.refcount(self._entries[key].sliding) == 1:  # type: ignore[arg-type]
+            if refcount("sliding", self._entries[key].sliding) == 1:  # type: ignore[arg-type]
                 victim_keys.append(key)
                 if len(victim_keys) == n_blocks:
                     break
@@ -292,7 +267,7 @@ class PrefixCache:
     def _drop_sliding(self, entry: CachedBlock) -> None:
         if entry.sliding is None:
             return
-        self.stats.evicted_sliding_blocks += self.pool.allocators["sliding"].decref([entry.sliding])
+        self.stats.evicted_sliding_blocks += self.pool.release("sliding", [entry.sliding])
         entry.sliding = None
         del self._sliding_lru[entry.key]
 
@@ -302,5 +277,4 @@ class PrefixCache:
         return self.evict(len(self._entries), "full")
 
 
-__all__ = ["ROOT_KEY", "CachedBlock", "PrefixCache", "PrefixCacheStats", "PrefixMatch", "block_keys",
-           "hash_block"]
+__all__ = ["CachedBlock", "PrefixCache", "PrefixCacheStats", "PrefixMatch"]

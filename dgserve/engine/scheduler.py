@@ -12,7 +12,7 @@ When a commit or prefill chunk does not fit in memory, the newest running reques
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 Phase = Literal["waiting", "prefill", "denoise", "commit"]
@@ -64,7 +64,6 @@ class StepPlan:
 class _Budget:
     tokens: int
     blocks: int
-    preempted: list[str] = field(default_factory=list)
 
 
 def schedule(running: Sequence[SeqView], waiting: Sequence[SeqView], free_blocks: int,

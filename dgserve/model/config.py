@@ -84,9 +84,6 @@ class TextConfig(BaseModel):
     def layer_kv_heads(self, layer: int) -> int:
         return self.num_key_value_heads if self.is_sliding(layer) else self.num_global_key_value_heads
 
-    def layer_rope(self, layer: int) -> RopeConfig:
-        return self.rope_sliding if self.is_sliding(layer) else self.rope_full
-
 
 class ModelConfig(BaseModel):
     """A DiffusionGemma text model: backbone plus the block-diffusion canvas."""
@@ -321,14 +318,4 @@ def human_params(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
-def rope_dims(head_dim: int, rope: RopeConfig) -> int:
-    """Number of rotated frequency pairs for a layer (the rest of the head is position-free)."""
-    if rope.rope_type == "proportional":
-        return int(rope.partial_rotary_factor * head_dim // 2)
-    return int(head_dim * rope.partial_rotary_factor) // 2
-
-
-__all__ = [
-    "PRESETS", "ConfigError", "LayerType", "ModelConfig", "RopeConfig", "TextConfig", "human_params",
-    "rope_dims",
-]
+__all__ = ["PRESETS", "ConfigError", "LayerType", "ModelConfig", "RopeConfig", "TextConfig", "human_params"]

@@ -106,10 +106,6 @@ class ExpertPlacement:
         """Global ids of the experts rank ``rank`` holds, ascending (its local expert order)."""
         return [e for e, ranks in enumerate(self.replicas) if rank in ranks]
 
-    @property
-    def num_slots(self) -> int:
-        return sum(len(r) for r in self.replicas)
-
     def rank_load(self, expert_load: Sequence[float] | torch.Tensor) -> list[float]:
         """Expected rows per rank when each expert's load is split evenly over its replicas."""
         load = expert_load.tolist() if isinstance(expert_load, torch.Tensor) else list(expert_load)

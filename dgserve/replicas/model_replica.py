@@ -8,6 +8,7 @@ the subclass ``dgserve.replicas.ep_rank.EPModelReplica``.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import os
@@ -19,23 +20,17 @@ import torch
 from dgserve.config import ReplicaSlice
 from dgserve.engine.engine import Engine
 from dgserve.engine.loop import AsyncEngine
-from dgserve.engine.prefix_cache import block_keys
+from dgserve.engine.prefix_keys import affinity_key
 from dgserve.engine.prompt_images import key_ids
-from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest
+from dgserve.engine.request import CanvasEvent, EngineOverloaded, Event, FinalEvent, GenerationRequest
 from dgserve.model.checkpoint import load
+from dgserve.replicas.admission import QueueBound
 from dgserve.replicas.capacity import CapacityEstimator
 
 log = logging.getLogger(__name__)
 
 # Prompt prefixes this replica served recently, reported for the router's prefix affinity.
 RECENT_PREFIXES = 512
-
-
-def affinity_key(request: GenerationRequest, block_size: int, max_tokens: int) -> str | None:
-    """The prefix-cache key of the last complete block within the first ``max_tokens`` prompt tokens (the images
-    among them included, as the engine's prefix cache keys them)."""
-    keys = block_keys(key_ids(request.prompt_ids, request.images)[:max_tokens], block_size)
-    return keys[-1].hex() if keys else None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -54,31 +49,50 @@ class ModelReplica:
         self.engine = self.loop.engine
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.capacity = CapacityEstimator(config.capacity_prior_tokens_per_s, max_canvases=config.engine.max_running)
+        # with engine.max_waiting unset, the replica bounds its queue itself (a set max_waiting is the engine's)
+        self.admission = QueueBound(self.capacity, max_running=config.engine.max_running,
+                                    request_timeout_s=config.request_timeout_s,
+                                    max_ongoing_requests=config.max_ongoing_requests,
+                                    tokens_prior=self.engine.canvas) if config.engine.max_waiting is None else None
         self.metrics = _maybe_metrics(config.model.model_id)
         log.info("replica ready: %s in %.1fs", config.model.path, time.perf_counter() - started)
 
     def _start_engine(self) -> AsyncEngine:
         device = resolve_device(self.config.model.device)
         loaded = load(self.config.model.path, dtype=self.config.model.dtype, device=device,
-                      vision=self.config.model.vision)
+                      revision=self.config.model.revision, vision=self.config.model.vision)
         return AsyncEngine(Engine(loaded.model, loaded.generation, loaded.tokenizer, self.config.engine,
                                   vision=loaded.vision))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         key = None
         if self.config.prefix_affinity:
-            key = affinity_key(request, self.engine.pool.block_size, self.config.affinity_prefix_tokens)
+            # the images among the prompt's first tokens count, as the engine's prefix cache keys them
+            key = affinity_key(key_ids(request.prompt_ids, request.images), self.engine.pool.block_size,
+                               self.config.affinity_prefix_tokens)
         if key is not None:
             self._recent[key] = None
             self._recent.move_to_end(key)
             while len(self._recent) > RECENT_PREFIXES:
                 self._recent.popitem(last=False)
-        async for ev in self.loop.generate(request):
-            if isinstance(ev, CanvasEvent):
-                self.capacity.add_tokens(len(ev.token_ids))
-            elif isinstance(ev, FinalEvent) and self.metrics is not None:
-                self.metrics.on_final(ev)
-            yield ev
+        admission = self.admission
+        if admission is not None and not admission.try_admit():
+            raise EngineOverloaded(message=f"the replica's queue is full ({admission.in_flight} requests in flight, "
+                                   f"what it serves within its wait budget); retry in about "
+                                   f"{admission.retry_after_s():.1f} s")
+        generated = None
+        try:
+            async for ev in self.loop.generate(request):
+                if isinstance(ev, CanvasEvent):
+                    self.capacity.add_tokens(len(ev.token_ids))
+                elif isinstance(ev, FinalEvent):
+                    generated = ev.stats.new_tokens
+                    if self.metrics is not None:
+                        self.metrics.on_final(ev)
+                yield ev
+        finally:
+            if admission is not None:
+                admission.release(generated)
 
     def record_routing_stats(self) -> dict:
         """Load report for the CanvasRouter (Serve calls it every ROUTING_STATS_PERIOD_S); also refreshes the
@@ -107,6 +121,11 @@ class ModelReplica:
 
     def engine_stats(self) -> dict:
         return self.loop.stats()
+
+    async def drain(self, timeout_s: float = 60.0) -> bool:
+        """Wait until every request sent here so far has finished or been cancelled, its pages freed (False if
+        ``timeout_s`` passed first); ``engine_stats`` is current afterwards."""
+        return await asyncio.to_thread(self.loop.drain, timeout_s)
 
     def process_stats(self) -> dict:
         """This replica's process id and resident memory (bytes; 0 where /proc is unavailable)."""

@@ -15,6 +15,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from dgserve.replicas.capacity import (  # the replica-side half: what replicas report, and how
+    CANVAS_TOKENS,
+    REPORTED_STATS,
+    STAT_ACTIVE,
+    STAT_CAPACITY,
+    STAT_QUEUED,
+    STAT_TOKENS_PER_S,
+)
+
 if TYPE_CHECKING:
     from ray.serve.config import AutoscalingContext
 
@@ -23,21 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLICY_IMPORT_PATH = "dgserve.routing.autoscaling:ThroughputAutoscalingPolicy"
-
-from dgserve.replicas.capacity import (  # noqa: E402  (the replica-side half lives with the replicas)
-    CANVAS_TOKENS,
-    REPORTED_STATS,
-    STAT_ACTIVE,
-    STAT_CAPACITY,
-    STAT_QUEUED,
-    STAT_TOKENS_PER_S,
-    CapacityEstimator,
-    engine_occupancy,
-    queued_canvases,
-)
-
-__all__ = ["CANVAS_TOKENS", "REPORTED_STATS", "STAT_ACTIVE", "STAT_CAPACITY", "STAT_QUEUED", "STAT_TOKENS_PER_S",
-           "CapacityEstimator", "engine_occupancy", "queued_canvases"]
 
 # --------------------------------------------------------------------------------------------------------------
 # Controller side: the policy

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dgserve.config import ImageSettings
-from dgserve.engine.request import PromptImage
+from dgserve.engine.request import InvalidRequest, MaxTokensTooLarge, PromptImage, PromptTooLong
 from dgserve.model.config import ModelConfig
 from dgserve.model.image_processing import ImageInputError, ImageProcessor
 from dgserve.model.tokenizer import TokenizerError, check_no_image_tokens
@@ -18,7 +18,23 @@ from dgserve.routing.images import ImageURL
 
 class InvalidPromptError(ValueError):
     """A prompt the model side refuses (token ids out of range, image placeholders, a conversation the chat
-    template rejects, a prompt too long for the KV cache): the ingress answers it with a 400."""
+    template rejects, prompt + max_tokens too large for the KV cache): the ingress answers it with a 400 that
+    names the request field at fault when there is one."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_prompt") -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+    @classmethod
+    def from_engine(cls, exc: InvalidRequest) -> InvalidPromptError:
+        """The engine's refusal of a request (``Engine.check_request``) as a 400."""
+        if isinstance(exc, MaxTokensTooLarge):
+            return cls(f"The request does not fit this server's KV cache: {exc}.", "max_tokens",
+                       "context_length_exceeded")
+        if isinstance(exc, PromptTooLong):
+            return cls(f"The prompt does not fit this server's KV cache: {exc}.", code="context_length_exceeded")
+        return cls(str(exc))
 
 
 class PromptEncoder:
@@ -66,14 +82,15 @@ class PromptEncoder:
             raise InvalidPromptError(
                 "image inputs are turned off on this server (vision: off); start it with vision: auto (dgserve run "
                 "--vision auto, or model.vision in the deploy config) to accept image_url parts" if self._vision_off
-                else "this model has no vision tower (its checkpoint has no vision_config): send text content only")
+                else "this model has no vision tower (its checkpoint has no vision_config): send text content only",
+                "messages")
         try:
             images = await load_images(urls, self._image_settings, self._processor)
             ids = self._tokenizer.encode_chat(messages)
             ids, placed = expand_placeholders(ids, images, self._config)
         except (ImageInputError, TokenizerError) as exc:
-            raise InvalidPromptError(str(exc)) from exc
+            raise InvalidPromptError(str(exc), "messages") from exc
         bad = next((t for t in ids if not 0 <= t < self._vocab), None)
         if bad is not None:
-            raise InvalidPromptError(f"token id {bad} is outside the vocabulary [0, {self._vocab})")
+            raise InvalidPromptError(f"token id {bad} is outside the vocabulary [0, {self._vocab})", "messages")
         return ids, placed
