@@ -315,7 +315,10 @@ class Engine:
                           if w.kind == "prefill" and s.next_images(self.prefill_chunk, self.canvas)]
                 if imaged:
                     events.extend(self._forward_exact(imaged))
-                rest = [(w, s) for w, s in seqs if all(s is not t for _, t in imaged)]
+                # an expert-parallel rank runs one forward per step, as its peers do (each forward is a sequence of
+                # collectives): with an image chunk this step, the other rows wait for the next one
+                rest = [] if imaged and self.model.dispatcher.collective else \
+                    [(w, s) for w, s in seqs if all(s is not t for _, t in imaged)]
                 if rest:
                     events.extend(self._forward_fast(rest))
             else:
