@@ -397,7 +397,8 @@ def group_worker(rank: int, world: int, port: int, ckpt: str, out_dir: str, back
 
 
 def run_group(world: int, ckpt: Path, tmp_path: Path, backend: str = "gloo", scenarios: str = "engine",
-              timeout_s: float = 150.0) -> list[dict]:
+              timeout_s: float = 150.0, worker=group_worker) -> list[dict]:
+    """Spawn ``world`` ranks of ``worker`` (same arguments as :func:`group_worker`); their JSON results."""
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
@@ -406,8 +407,8 @@ def run_group(world: int, ckpt: Path, tmp_path: Path, backend: str = "gloo", sce
     env_threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        procs = [ctx.Process(target=group_worker, args=(r, world, master.port, str(ckpt), str(tmp_path), backend,
-                                                         scenarios)) for r in range(world)]
+        procs = [ctx.Process(target=worker, args=(r, world, master.port, str(ckpt), str(tmp_path), backend,
+                                                   scenarios)) for r in range(world)]
         for p in procs:
             p.start()
     finally:

@@ -140,9 +140,9 @@ def test_killing_a_rank_restarts_the_gang(ep2, tiny):
     from ray.exceptions import RayError
 
     handle, _ = ep2
+    # as long as the KV cache allows (fit_max_tokens: the engine lowers max_tokens to that, ~127 canvases)
     long = GenerationRequest(prompt_ids=[5, 6, 7], max_tokens=100_000, seed=1, ignore_eos=True, request_id="long",
-                             fit_max_tokens=True,
-                             sampling=SamplingParams(max_denoising_steps=48))
+                             sampling=SamplingParams(max_denoising_steps=48), fit_max_tokens=True)
     probe = _requests(1, "probe", seed=3)[0]
 
     async def run():

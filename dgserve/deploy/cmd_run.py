@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import threading
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -34,6 +35,7 @@ class RunArgs(BaseModel):
     device: str = "auto"
     threads: int = Field(1, ge=1, le=1024)
     kv_cache_memory: int | None = Field(None, ge=1 << 20)
+    vision: Literal["auto", "off"] = "auto"
 
     @field_validator("device")
     @classmethod
@@ -50,7 +52,8 @@ def _deploy_config(args: RunArgs):
     if args.config:
         return load_deploy_config(args.config)  # errors name the file and the field, as `dgserve build` does
     return DeployConfig.from_args({
-        "model": {"path": args.model, "revision": args.revision, "dtype": args.dtype, "device": args.device},
+        "model": {"path": args.model, "revision": args.revision, "dtype": args.dtype, "device": args.device,
+                  "vision": args.vision},
         # Ray sets a replica's torch threads (OMP_NUM_THREADS) from the CPUs it reserves: max(1, int(num_cpus))
         "replicas": {"num_replicas": args.replicas, "ep_size": args.ep_size,
                      "num_cpus": ONE_THREAD_CPUS if args.threads == 1 else float(args.threads)},
@@ -89,7 +92,7 @@ def run(args: RunArgs) -> int:
     # everything a user can get wrong fails here, in one line, before Ray starts
     if embedded and config.model.device != "auto":  # on a cluster, the GPUs are the workers', not this machine's
         check_device(config.model.device)
-    load_metadata(config.model.path, config.model.revision)
+    load_metadata(config.model.path, config.model.revision, vision=config.model.vision)
     if embedded:  # on a cluster, the port is the head's
         check_port_free(config.http.host, config.http.port)
 
@@ -158,4 +161,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=None,
                    help="KV cache bytes per replica (default: what max_running sequences at the model's full context "
                         "need, at most half of the free memory)")
+    p.add_argument("--vision", default="auto", choices=["auto", "off"],
+                   help="auto: load the checkpoint's vision tower (if any) and accept images; off: text only")
     p.set_defaults(handler=lambda ns: run(RunArgs(**ns)))

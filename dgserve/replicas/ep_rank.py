@@ -92,7 +92,8 @@ class EPModelReplica(ModelReplica):
         self.placement_counts: list[float] | None = payload.get("placement_counts")  # what load_aware used
         loop = build_ep_engine(path, group, self.placement, dtype=cfg.model.dtype, engine_class=self.engine_class,
                                engine_config=cfg.engine, owns_group=True,
-                               on_stats_sync=self._publish_counts if gang.rank == 0 else None)
+                               on_stats_sync=self._publish_counts if gang.rank == 0 else None,
+                               vision=cfg.model.vision)
         self.startup_seconds = time.monotonic() - started
         log.info("EP rank %d/%d of gang %s up in %.1fs", self.rank, self.world_size, self.gang_id,
                  self.startup_seconds)

@@ -40,7 +40,8 @@ class Ingress:
 
     def __init__(self, replica_handle, config: IngressSlice) -> None:
         self.config = config
-        self.metadata = load_metadata(self.config.model.path, self.config.model.revision)
+        self.metadata = load_metadata(self.config.model.path, self.config.model.revision,
+                                      vision=self.config.model.vision)
         self.metrics = ReplicaMetrics(self.config.model.model_id)
         self.backend = EngineChatBackend.over_serve(replica_handle, self.metadata, config,
                                                     on_failover=self.metrics.on_failover)
