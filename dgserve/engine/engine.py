@@ -42,7 +42,8 @@ from dgserve.engine.request import (
     RequestStats,
 )
 from dgserve.engine.runner import FastRunner, Row
-from dgserve.engine.sampler import StabilityTracker, denoise_step, random_canvas
+from dgserve.engine.sampler import StabilityTracker, VocabPass, denoise_step, random_canvas
+from dgserve.engine.sampling_filters import AcceptedLogprobs, RowFilters
 from dgserve.engine.sampling_noise import NoisePrefetcher
 from dgserve.engine.scheduler import SchedulerLimits, SeqView, StepPlan, Work, schedule
 from dgserve.engine.single import make_generator
@@ -112,6 +113,8 @@ class _Seq:
     seed: int = 0  # fast mode: the counter-based randomness' seed
     canvas_started: bool = False  # fast mode: the current canvas has taken at least one step
     prompt_keys: list[int] = field(default_factory=list)  # the prompt as the prefix cache hashes it (images in)
+    accepted_lp: AcceptedLogprobs | None = None  # exact mode, with logprobs: per position of the current canvas
+    final_lp: VocabPass | None = None  # exact mode, with logprobs: the last step's log-probabilities
 
     def next_boundary(self, chunk: int, canvas: int) -> int:
         """End of the next prefill chunk. Boundaries are fixed: the prompt in ``chunk``-sized pieces from
@@ -253,7 +256,7 @@ class Engine:
                    seed=seed if seed is not None else int(torch.randint(0, 1 << 62, (1,), generator=gen)),
                    prompt_keys=key_ids(req.prompt_ids, req.images))
         if self.tokenizer is not None:
-            seq.decoder = self.tokenizer.incremental_decoder()
+            seq.decoder = self.tokenizer.incremental_decoder(req.skip_special_tokens)
             # failover: the text of these tokens was already streamed; prime the decoder canvas by canvas so
             # a character split across the canvas boundary comes out exactly as it would have without it
             for i in range(0, len(req.committed_ids), self.canvas):
@@ -507,6 +510,8 @@ class Engine:
         s.tracker = StabilityTracker(s.req.sampling)
         s.cur_step = s.req.sampling.max_denoising_steps
         s.steps = 0
+        if s.req.logprobs is not None:
+            s.accepted_lp = AcceptedLogprobs.empty((self.canvas,), self.model.device)
         self._prefetch_noise(s)
 
     def _prefetch_noise(self, s: _Seq) -> None:
@@ -529,8 +534,15 @@ class Engine:
         if s.noise is not None and self._noise is not None:
             noise = self._noise.take(s.noise)
             s.noise = None
-        out = denoise_step(self.model, hidden, s.canvas, s.cur_step, s.req.sampling, s.gen, noise=noise)
+        logprobs = s.req.logprobs is not None
+        out = denoise_step(self.model, hidden, s.canvas, s.cur_step, s.req.sampling, s.gen, noise=noise,
+                           filters=self._filters(s), logprobs=logprobs)
         del noise
+        if out.logprobs is not None:
+            assert s.accepted_lp is not None and out.sample is not None
+            lp = out.logprobs
+            s.accepted_lp = s.accepted_lp.accept(out.accepted, out.sample, lp.logprob, lp.top_ids, lp.top_logprobs)
+            s.final_lp = lp
         s.steps += 1
         s.last_served = self.step_index
         s.canvas, s.argmax, s.soft = out.canvas, out.argmax, out.soft
@@ -544,10 +556,32 @@ class Engine:
             text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
             events.append(DraftEvent(s.req.request_id, ids, text, s.steps))
         if stop or s.cur_step == 0:
-            events.extend(self._finish_canvas(s, s.argmax.tolist()))
+            reported = None
+            if s.accepted_lp is not None and s.final_lp is not None:
+                f = s.final_lp
+                reported = s.accepted_lp.report(s.argmax, f.argmax_logprob, f.top_ids, f.top_logprobs)
+            events.extend(self._finish_canvas(s, s.argmax.tolist(), reported))
         return events
 
-    def _finish_canvas(self, s: _Seq, committed: list[int]) -> list[Event]:
+    def suppressed_ids(self) -> tuple[int, ...]:
+        """What min_tokens keeps out of the first positions: EOS and padding (neither is text)."""
+        pad = self.generation.pad_token_id
+        return tuple(self.generation.eos_token_ids) + (() if pad is None else (pad,))
+
+    def suppress_before(self, s: _Seq) -> int:
+        """Positions of the next canvas where EOS and padding are not sampled (min_tokens not reached yet)."""
+        return max(0, s.req.min_tokens - s.stats.completion_tokens)
+
+    def _filters(self, s: _Seq) -> RowFilters | None:
+        """The request's sampling filters for its current canvas (None: none, the reference's arithmetic)."""
+        before = self.suppress_before(s)
+        if not s.req.sampling.filtered and before == 0:
+            return None
+        return RowFilters.for_canvas(s.req.sampling, self.canvas, before, self.suppressed_ids(), self.model.device)
+
+    def _finish_canvas(self, s: _Seq, committed: list[int],
+                       logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> list[Event]:
+        """Commit a canvas; ``logprobs``: its positions' reported log-probabilities ([C], [C, N] ids, [C, N])."""
         s.stats.denoise_steps += s.steps
         s.stats.steps_per_canvas.append(s.steps)
         s.stats.canvases += 1
@@ -557,34 +591,62 @@ class Engine:
         outcome = canvas_outcome(committed, s.req.max_tokens - len(s.out_ids), self.generation.eos_token_ids, pad,
                                  s.req.ignore_eos)
         new = outcome.token_ids
+        completion = outcome.completion_tokens
         finish: FinishReason | None = outcome.finish
         text = s.decoder.push(text_ids(new, pad)) if s.decoder is not None else ""
         if finish is not None and s.decoder is not None:
             text += s.decoder.flush()  # the final canvas: emit any held-back partial character too
         if s.req.stop and s.decoder is not None:
-            # stop strings are matched on committed text; the output is cut where the first one starts
-            full = s.text + text
-            cuts = [i for x in s.req.stop if (i := full.find(x)) >= 0]
-            if cuts:
-                end = min(cuts)
-                text = full[len(s.text):end] if end >= len(s.text) else ""
+            cut = self._stop_cut(s, s.text + text, new)
+            if cut is not None:
+                end, kept = cut
+                text = (s.text + text)[len(s.text):end] if end >= len(s.text) else ""
+                new = new[:kept]
+                completion = sum(1 for t in new if t != pad)
                 finish = "stop"
         s.text += text
         s.out_ids.extend(new)
-        s.stats.completion_tokens += outcome.completion_tokens
+        s.stats.completion_tokens += completion
         s.canvas_index += 1
         s.canvas = s.soft = s.tracker = None
+        s.accepted_lp = s.final_lp = None
         if finish is None:
             s.tokens.extend(committed)
             s.phase = "commit"
         rng = None
         if finish is None:
             rng = fast_rng_state(s.seed) if self.runner is not None else bytes(s.gen.get_state().numpy().tobytes())
-        events: list[Event] = [CanvasEvent(s.req.request_id, new, text, s.canvas_index - 1, rng,
-                                           outcome.completion_tokens)]
+        event = CanvasEvent(s.req.request_id, new, text, s.canvas_index - 1, rng, completion)
+        if logprobs is not None and s.req.logprobs is not None:
+            lp, ids, values = (t[:len(new)].tolist() for t in logprobs)
+            n = s.req.logprobs
+            event.logprobs = lp
+            event.top_logprobs = [list(zip(i[:n], v[:n], strict=True)) for i, v in zip(ids, values, strict=True)]
+        events: list[Event] = [event]
         if finish is not None:
             events.append(self._finish(s, finish))
         return events
+
+    def _stop_cut(self, s: _Seq, full: str, new: list[int]) -> tuple[int, int] | None:
+        """Where the first stop string cuts the text ``full`` (committed text plus this canvas'), and how many of this
+        canvas' ids ``new`` the kept text needs; None when no stop string counts yet. The text is cut before the stop
+        string (after it with include_stop_str); a match within the first min_tokens tokens does not count."""
+        assert self.tokenizer is not None
+        pad = self.generation.pad_token_id
+        matches = sorted((i, i + len(x), i + len(x) if s.req.include_stop_str else i) for x in s.req.stop
+                         for i in _find_all(full, x))
+        for _, match_end, end in matches:
+            if match_end <= len(s.text):
+                continue  # inside the text of earlier canvases: checked when they committed
+            # the fewest of this canvas' ids whose text reaches ``end`` (the text of ids is the decode of all ids)
+            before = text_ids(s.out_ids, pad)
+            kept = next((j for j in range(len(new) + 1)
+                         if len(self.tokenizer.decode(before + text_ids(new[:j], pad), s.req.skip_special_tokens))
+                         >= end), len(new))
+            if s.stats.completion_tokens + sum(1 for t in new[:kept] if t != pad) < s.req.min_tokens:
+                continue
+            return end, kept
+        return None
 
     def _finish(self, s: _Seq, reason: FinishReason, error: str | None = None) -> FinalEvent:
         self._drop_noise(s)
@@ -627,6 +689,15 @@ class Engine:
 
 
 FAST_RNG_TAG = b"dgserve-fast-rng:"
+
+
+def _find_all(text: str, sub: str) -> list[int]:
+    """Start of every occurrence of ``sub`` in ``text``."""
+    out, i = [], text.find(sub)
+    while i >= 0:
+        out.append(i)
+        i = text.find(sub, i + 1)
+    return out
 
 
 def resolve_execution(execution: str, device: torch.device) -> str:
