@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -410,7 +411,9 @@ class Engine:
                 rows.append(Row(fast_step.DENOISE, s.slot, s.cached_len, s.table, self.canvas,
                                 fresh=not s.canvas_started, cur_step=p.max_denoising_steps - s.steps, sampling=p,
                                 greedy=p.greedy, seed=s.seed,
-                                canvas_index=len(s.req.committed_ids) // self.canvas + s.canvas_index))
+                                canvas_index=len(s.req.committed_ids) // self.canvas + s.canvas_index,
+                                suppress_before=self.suppress_before(s), suppress_ids=self.suppressed_ids(),
+                                logprobs=s.req.logprobs is not None))
         out = self.runner.run(rows)
         self._count_forward(seqs)
         events: list[Event] = []
@@ -423,13 +426,17 @@ class Engine:
             s.steps += 1
             s.last_served = self.step_index
             finished = bool(result[fast_step.OUT_FINISHED])
+            tokens = result[fast_step.OUT_TOKENS:fast_step.OUT_TOKENS + self.canvas]
             if s.req.draft_every and s.steps % s.req.draft_every == 0 and not finished:
-                ids = result[fast_step.OUT_TOKENS:].tolist()
+                ids = tokens.tolist()
                 text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
                 events.append(DraftEvent(s.req.request_id, ids, text, s.steps))
             if finished:
                 s.canvas_started = False
-                events.extend(self._finish_canvas(s, result[fast_step.OUT_TOKENS:].tolist()))
+                reported = None
+                if s.req.logprobs is not None:
+                    reported = _fast_logprobs(result[fast_step.OUT_TOKENS + self.canvas:], self.canvas)
+                events.extend(self._finish_canvas(s, tokens.tolist(), reported))
         return events
 
     def _count_forward(self, seqs: list[tuple[Work, _Seq]]) -> None:
@@ -689,6 +696,16 @@ class Engine:
 
 
 FAST_RNG_TAG = b"dgserve-fast-rng:"
+
+
+def _fast_logprobs(columns, canvas: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logprob columns of a fast step's output row (``fast_step.output_width``) as ([C], [C, N], [C, N])."""
+    flat = torch.from_numpy(np.ascontiguousarray(columns))
+    n = (flat.shape[0] - canvas) // (2 * canvas)
+    lp = flat[:canvas].view(torch.float32)
+    ids = flat[canvas:canvas + canvas * n].long().view(canvas, n)
+    values = flat[canvas + canvas * n:canvas + 2 * canvas * n].contiguous().view(torch.float32).view(canvas, n)
+    return lp, ids, values
 
 
 def _find_all(text: str, sub: str) -> list[int]:
