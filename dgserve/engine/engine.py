@@ -23,7 +23,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from dgserve.engine import fast_step
+from dgserve.engine.constrained import ConstrainedCanvas, constrained_step
 from dgserve.engine.finish import canvas_outcome, text_ids
+from dgserve.engine.grammar import Grammars, GrammarUnavailable, Matcher
 from dgserve.engine.kv_budget import default_kv_budget
 from dgserve.engine.kv_pages import BlockTable, KVPagePool, PagedKV
 from dgserve.engine.prefix_cache import PrefixCache
@@ -43,7 +45,15 @@ from dgserve.engine.request import (
     RequestStats,
 )
 from dgserve.engine.runner import FastRunner, Row
-from dgserve.engine.sampler import StabilityTracker, VocabPass, denoise_step, random_canvas
+from dgserve.engine.sampler import (
+    StabilityTracker,
+    VocabPass,
+    default_chunk_rows,
+    denoise_step,
+    random_canvas,
+    temperature,
+    vocab_pass,
+)
 from dgserve.engine.sampling_filters import AcceptedLogprobs, RowFilters
 from dgserve.engine.sampling_noise import NoisePrefetcher
 from dgserve.engine.scheduler import SchedulerLimits, SeqView, StepPlan, Work, schedule
@@ -116,6 +126,8 @@ class _Seq:
     prompt_keys: list[int] = field(default_factory=list)  # the prompt as the prefix cache hashes it (images in)
     accepted_lp: AcceptedLogprobs | None = None  # exact mode, with logprobs: per position of the current canvas
     final_lp: VocabPass | None = None  # exact mode, with logprobs: the last step's log-probabilities
+    matcher: Matcher | None = None  # constrained requests: the grammar state after the tokens decided so far
+    constrained: ConstrainedCanvas | None = None  # constrained requests: the current canvas
 
     def next_boundary(self, chunk: int, canvas: int) -> int:
         """End of the next prefill chunk. Boundaries are fixed: the prompt in ``chunk``-sized pieces from
@@ -188,6 +200,7 @@ class Engine:
         self.preemptions = 0
         prefetch = self.config.sampling_noise_prefetch_bytes
         self._noise = NoisePrefetcher(prefetch) if prefetch and model.device.type == "cpu" and not fast else None
+        self._grammars: Grammars | None = None
         self.runner: FastRunner | None = None
         if fast:
             on_cuda = model.device.type == "cuda"
@@ -213,6 +226,7 @@ class Engine:
             check_images(req.prompt_ids, req.images, self.model.config.image_token_id)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from exc
+        self._check_constraint(req)
         fits = self.max_tokens_that_fit(req)
         if fits == 0:
             raise PromptTooLong(self._too_large(req, fits))
@@ -220,6 +234,31 @@ class Engine:
             raise MaxTokensTooLarge(self._too_large(req, fits))
         if self.config.max_waiting is not None and len(self.waiting) >= self.config.max_waiting:
             raise EngineOverloaded(len(self.waiting))
+
+    def _check_constraint(self, req: GenerationRequest) -> None:
+        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
+            raise InvalidRequest("logprobs asks for 0 to 20 alternatives")
+        bias = req.sampling.logit_bias or {}
+        if any(not 0 <= t < self.vocab for t in bias):
+            raise InvalidRequest(f"logit_bias names token ids outside the vocabulary [0, {self.vocab})")
+        if req.constraint is None:
+            return
+        if req.ignore_eos:
+            raise InvalidRequest("ignore_eos cannot be combined with JSON output (the output ends where the JSON does)")
+        try:
+            self.grammars().compile(req.constraint)
+        except GrammarUnavailable as exc:
+            raise InvalidRequest(str(exc)) from exc
+        except (RuntimeError, ValueError) as exc:
+            raise InvalidRequest(f"the JSON schema cannot be compiled into a grammar: {exc}") from exc
+
+    def grammars(self) -> Grammars:
+        """The JSON grammar compiler for this model's tokenizer (made on first use)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise GrammarUnavailable("JSON output needs the checkpoint's tokenizer")
+            self._grammars = Grammars(self.tokenizer, self.vocab, tuple(self.generation.eos_token_ids))
+        return self._grammars
 
     def max_tokens_that_fit(self, req: GenerationRequest) -> int:
         """The largest max_tokens this request can have for its KV to fit the cache when it runs alone.
@@ -256,6 +295,10 @@ class Engine:
                    started=time.perf_counter(), prompt_len=len(req.prompt_ids),
                    seed=seed if seed is not None else int(torch.randint(0, 1 << 62, (1,), generator=gen)),
                    prompt_keys=key_ids(req.prompt_ids, req.images))
+        if req.constraint is not None:
+            seq.matcher = self.grammars().matcher(req.constraint)
+            for t in text_ids(req.committed_ids, self.generation.pad_token_id):  # failover: the output so far
+                seq.matcher.accept(t)
         if self.tokenizer is not None:
             seq.decoder = self.tokenizer.incremental_decoder(req.skip_special_tokens)
             # failover: the text of these tokens was already streamed; prime the decoder canvas by canvas so
@@ -314,9 +357,11 @@ class Engine:
         with torch.inference_mode():
             if self.runner is not None:
                 # prefill chunks holding images take the exact packed forward (whole images, their features and
-                # mask); everything else the fast runner's rows
+                # mask), and so do the canvases of constrained requests (their grammar runs on the host between
+                # positions); everything else the fast runner's rows
                 imaged = [(w, s) for w, s in seqs
-                          if w.kind == "prefill" and s.next_images(self.prefill_chunk, self.canvas)]
+                          if (w.kind == "prefill" and s.next_images(self.prefill_chunk, self.canvas))
+                          or (w.kind != "prefill" and s.matcher is not None)]
                 if imaged:
                     events.extend(self._forward_exact(imaged))
                 # an expert-parallel rank runs one forward per step, as its peers do (each forward is a sequence of
@@ -519,11 +564,15 @@ class Engine:
         s.steps = 0
         if s.req.logprobs is not None:
             s.accepted_lp = AcceptedLogprobs.empty((self.canvas,), self.model.device)
+        if s.matcher is not None:
+            s.constrained = ConstrainedCanvas(s.canvas.clone())
+            s.canvas = s.constrained.tokens
         self._prefetch_noise(s)
 
     def _prefetch_noise(self, s: _Seq) -> None:
         """Start drawing the next step's sampling noise (the generator's next use) on the noise thread."""
-        if self._noise is not None and s.noise is None and not s.req.sampling.greedy:  # greedy draws no noise
+        # greedy draws no noise; constrained canvases sample position by position
+        if self._noise is not None and s.noise is None and not s.req.sampling.greedy and s.matcher is None:
             s.noise = self._noise.submit((self.canvas, self.vocab), s.gen)
 
     def _drop_noise(self, s: _Seq) -> None:
@@ -535,8 +584,43 @@ class Engine:
         """Exact mode: called with each denoising step's final hidden states ``[C, H]``, before sampling. A no-op;
         a subclass that records them (logits of every step, for parity checks) overrides it."""
 
+    def _after_constrained(self, s: _Seq, hidden: torch.Tensor) -> list[Event]:
+        """A constrained canvas' step (``dgserve.engine.constrained``): decide a left-to-right run of positions."""
+        assert s.constrained is not None and s.matcher is not None
+        params = s.req.sampling
+        temp = temperature(max(s.cur_step, 1), params)  # past the schedule's steps: its last temperature
+        # the next step's self-conditioning comes from the unfiltered distribution, as in an unconstrained step
+        soft = vocab_pass(self.model, hidden, temp, s.gen, default_chunk_rows(self.vocab), greedy=True).soft
+        filters = self._filters(s) or RowFilters.for_canvas(params, self.canvas, 0, (), self.model.device)
+        constrained_step(self.model, hidden, s.constrained, temp, params, s.gen, s.matcher, filters,
+                         self.generation.eos_token_ids[0], logprobs=s.req.logprobs is not None)
+        s.steps += 1
+        s.last_served = self.step_index
+        s.soft = soft
+        s.cur_step -= 1
+        events: list[Event] = []
+        c = s.constrained
+        if not c.done:
+            if s.req.draft_every and s.steps % s.req.draft_every == 0:
+                ids = c.tokens[:c.fixed].tolist()
+                events.append(DraftEvent(s.req.request_id, ids, self.tokenizer.decode(ids) if self.tokenizer else "",
+                                         s.steps))
+            return events
+        reported = None
+        if s.req.logprobs is not None:
+            n = max((len(ids) for ids, _ in c.top), default=1)
+            ids = torch.tensor([i + [0] * (n - len(i)) for i, _ in c.top])
+            values = torch.tensor([v + [0.0] * (n - len(v)) for _, v in c.top])
+            reported = (torch.tensor(c.logprobs), ids, values)
+        committed = c.tokens.tolist()
+        s.argmax = c.tokens
+        s.constrained = None
+        return self._finish_canvas(s, committed, reported)
+
     def _after_denoise(self, s: _Seq, hidden: torch.Tensor) -> list[Event]:
         self.denoised(s.req.request_id, s.steps, hidden)
+        if s.constrained is not None:
+            return self._after_constrained(s, hidden)
         noise = None
         if s.noise is not None and self._noise is not None:
             noise = self._noise.take(s.noise)
@@ -616,7 +700,7 @@ class Engine:
         s.stats.completion_tokens += completion
         s.canvas_index += 1
         s.canvas = s.soft = s.tracker = None
-        s.accepted_lp = s.final_lp = None
+        s.accepted_lp = s.final_lp = s.constrained = None
         if finish is None:
             s.tokens.extend(committed)
             s.phase = "commit"
@@ -627,8 +711,10 @@ class Engine:
         if logprobs is not None and s.req.logprobs is not None:
             lp, ids, values = (t[:len(new)].tolist() for t in logprobs)
             n = s.req.logprobs
-            event.logprobs = lp
-            event.top_logprobs = [list(zip(i[:n], v[:n], strict=True)) for i, v in zip(ids, values, strict=True)]
+            text_at = [j for j, t in enumerate(new) if t != pad]
+            event.logprob_token_ids = [new[j] for j in text_at]
+            event.logprobs = [lp[j] for j in text_at]
+            event.top_logprobs = [list(zip(ids[j][:n], values[j][:n], strict=True)) for j in text_at]
         events: list[Event] = [event]
         if finish is not None:
             events.append(self._finish(s, finish))

@@ -164,6 +164,19 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
+    def vocabulary(self) -> dict[str, int]:
+        """Token text (as the tokenizer's model spells it, e.g. byte-level ``Ġthe``) -> id, added tokens included."""
+        return self._backend.get_vocab(with_added_tokens=True)
+
+    def decoder_kind(self) -> str:
+        """How token text maps to bytes: ``byte_level`` (GPT-2 style), ``byte_fallback`` (SentencePiece with
+        ``<0xXX>`` tokens, as Gemma's) or ``raw``."""
+        spec = json.loads(self._backend.to_str()).get("decoder") or {}
+        kinds = {d.get("type") for d in spec.get("decoders", [spec])}
+        if "ByteLevel" in kinds:
+            return "byte_level"
+        return "byte_fallback" if "ByteFallback" in kinds else "raw"
+
     def id_to_token(self, token_id: int) -> str | None:
         return self._backend.id_to_token(token_id)
 
