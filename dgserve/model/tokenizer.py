@@ -203,8 +203,11 @@ class Tokenizer:
 
     # -- chat
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` (``{"role": ..., "content": ...}`` dicts) with the checkpoint's template."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, template_kwargs: Mapping[str, Any] | None = None) -> str:
+        """Render ``messages`` (``{"role": ..., "content": ...}`` dicts) with the checkpoint's template; ``tools``
+        (OpenAI function definitions) and ``template_kwargs`` (extra template variables, e.g. ``enable_thinking``)
+        are passed to it as transformers passes them."""
         if self._compiled_template is None:
             raise TokenizerError(
                 f"{self._source}: the checkpoint has no chat template (neither {CHAT_TEMPLATE_FILE} nor "
@@ -223,8 +226,9 @@ class Tokenizer:
         try:
             return self._compiled_template.render(
                 **self._special_tokens,
+                **{str(k): _plain(v) for k, v in (template_kwargs or {}).items()},
                 messages=chat,
-                tools=None,
+                tools=_plain(tools) if tools else None,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
             )
@@ -233,9 +237,11 @@ class Tokenizer:
         except Exception as e:  # a template is a program: any failure means it cannot take these messages
             raise TokenizerError(f"{self._source}: the chat template failed on these messages: {e!r}") from e
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                    template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
         """Render the chat template and tokenize it; the template emits BOS, so none is added here."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=False)
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools, template_kwargs),
+                           add_bos=False)
 
 
 class IncrementalDecoder:
