@@ -4,7 +4,8 @@ OpenAI ``tool_calls``, also incrementally as canvases commit.
 
 Gemma 4's template takes ``tools`` (OpenAI function definitions), assistant messages with ``tool_calls`` whose
 ``arguments`` are objects, and the results as ``tool_responses`` (``{"name", "response"}``) on the assistant message
-that made the calls: the model's turn goes on after them. Values in a call are written ``<|"|>text<|"|>`` for
+that made the calls: the model's turn goes on after them (an assistant answer that follows the results is that
+turn's content). Values in a call are written ``<|"|>text<|"|>`` for
 strings, bare for numbers, booleans and null, ``{key:value,...}`` and ``[value,...]`` for objects and arrays.
 """
 
@@ -41,6 +42,12 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             owner.setdefault("tool_responses", []).append({"name": name, "response": _result(m.text)})
             continue
         entry = m.for_template()
+        last = out[-1] if out else None
+        if (m.role == "assistant" and not m.tool_calls and last is not None and last.get("tool_responses")
+                and not last.get("content") and isinstance(entry["content"], str)):
+            # the answer after the results: the same model turn goes on (Gemma 4 writes calls, results, answer)
+            last["content"] = entry["content"]
+            continue
         if m.tool_calls:
             calls = []
             for j, call in enumerate(m.tool_calls):
