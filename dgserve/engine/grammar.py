@@ -99,9 +99,11 @@ class Grammars:
             raise GrammarUnavailable("JSON output needs the xgrammar package (pip install xgrammar)") from exc
         self._xgr = xgr
         vocab = tokenizer.vocabulary()
+        special = tokenizer.special_ids()
         encoded = [""] * vocab_size
         for text, i in vocab.items():
-            if i < vocab_size:
+            # special tokens (pad, turn markers...) are no text: an empty entry is one the grammar never allows
+            if i < vocab_size and i not in special:
                 encoded[i] = text
         self.info = xgr.TokenizerInfo(encoded, vocab_type=_vocab_type(xgr, tokenizer.decoder_kind()),
                                       vocab_size=vocab_size, stop_token_ids=list(stop_ids),

@@ -168,6 +168,10 @@ class Tokenizer:
         """Token text (as the tokenizer's model spells it, e.g. byte-level ``Ġthe``) -> id, added tokens included."""
         return self._backend.get_vocab(with_added_tokens=True)
 
+    def special_ids(self) -> set[int]:
+        """Ids of the special added tokens (``<pad>``, ``<eos>``, turn and tool markers...)."""
+        return {i for i, t in self._backend.get_added_tokens_decoder().items() if t.special}
+
     def decoder_kind(self) -> str:
         """How token text maps to bytes: ``byte_level`` (GPT-2 style), ``byte_fallback`` (SentencePiece with
         ``<0xXX>`` tokens, as Gemma's) or ``raw``."""
