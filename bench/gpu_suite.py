@@ -1,9 +1,13 @@
 """One-GPU benchmark suite for DiffusionGemma 26B-A4B with random bf16 weights (under 8 minutes).
 
-Measures batch-1 block-diffusion decoding (fixed 16/12/48 denoising steps, per-step and per-commit
-times), the autoregressive baseline on the same backbone (``bench/ar_baseline.py``, batch 1 and 16),
-packed denoise forwards of 8/32/64 canvases (engine not yet in the loop) and peak GPU memory.
-Writes ``results.json`` and ``results.md`` to ``--out``; ``--cpu-smoke`` runs it all on ``tiny-random``.
+First the fast path (``bench/gpu_fast.py``): a steady-state step under ``set_sync_debug_mode("error")``, the
+step eager / graphed (/ compiled) at 1, 8 and 64 canvases with their agreement, the old vs the new sampler, CUDA
+kernels per forward, batch-1 tokens/s at 16 steps (end to end and steady state) and the aggregate at 64
+concurrent requests. Then the exact path's figures on the same card, for comparison: batch-1 block-diffusion
+decoding (fixed 16/12/48 denoising steps), the autoregressive baseline on the same backbone
+(``bench/ar_baseline.py``, batch 1 and 16), the exact engine and packed forwards at 8/32/64 canvases, and peak
+GPU memory. Writes ``results.json`` and ``results.md`` to ``--out``; ``--cpu-smoke`` runs it all on
+``tiny-random`` (no graphs, no sync-debug mode there).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from bench import gpu_fast
 from bench.ar_baseline import device_sync, generate_ar, new_kv
 from dgserve.engine.sampler import StabilityTracker, denoise_step, random_canvas, vocab_pass
 from dgserve.engine.single import generate_single, make_generator
@@ -63,6 +68,9 @@ class Settings:
     threads: int
     cpu_smoke: bool
     out: str
+    fast_canvases: list[int] = field(default_factory=lambda: [1, 8, 64])
+    concurrent: int = 64
+    compile: bool = True
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -83,6 +91,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                    help="seconds after start past which remaining measurements are skipped")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's; smoke 1)")
+    p.add_argument("--fast-canvases", default=None,
+                   help="fast path: canvases per step timed (default 1,8,64; smoke 1,2)")
+    p.add_argument("--concurrent", type=int, default=None,
+                   help="fast engine: concurrent requests (default 64; smoke 4)")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the torch.compile'd timings (they compile for minutes)")
     a = p.parse_args(argv)
     smoke = bool(a.cpu_smoke)
     s = Settings(
@@ -95,6 +109,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         ar_batch=a.ar_batch or (4 if smoke else 16),
         ar_tokens=a.ar_tokens, reps=max(1, a.reps), time_budget_s=a.time_budget, seed=a.seed,
         threads=a.threads or (1 if smoke else 0), cpu_smoke=smoke, out=a.out,
+        fast_canvases=_ints(a.fast_canvases or ("1,2" if smoke else "1,8,64"), "--fast-canvases"),
+        concurrent=a.concurrent or (4 if smoke else 64), compile=not a.no_compile and not smoke,
     )
     if s.config not in PRESETS:
         p.error(f"--config {s.config!r} is not a preset; choose one of {', '.join(sorted(PRESETS))}")
@@ -427,6 +443,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"weights {r['memory'].get('weights_gib', 0):.3f} GiB; peak {r['memory'].get('peak_gib', 0):.2f} GiB "
         f"({m['peak_memory_source']})",
         "",
+        *fast_markdown(r.get("fast", {})),
         "## Batch-1 diffusion decoding (one canvas, fixed steps, adaptive stopping off, ignore_eos)",
         "",
         "tok/s = new tokens / wall time (prefill + denoise steps + commit); 'no commit' stops after the last step.",
@@ -509,6 +526,18 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fast_markdown(fast: dict[str, Any]) -> list[str]:
+    """The fast path's section: one line per measurement, its figures as key=value."""
+    if not fast:
+        return []
+    lines = ["## Fast path (engine.execution=fast)", ""]
+    for name, e in fast.items():
+        st = _status(e)
+        body = st or ", ".join(f"{k}={_fmt(v, 3)}" for k, v in e.items() if k not in ("measure_s",))
+        lines.append(f"- **{name}**: {body}")
+    return [*lines, ""]
+
+
 def finish(suite: Suite) -> None:
     r = suite.report
     ratios: dict[str, float] = {}
@@ -531,8 +560,8 @@ def finish(suite: Suite) -> None:
         e = packed.get(f"canvases_{c}", {})
         if e.get("oom"):
             e["fits"] = False
-    r["problems"] = [f"{sec}/{name}: {_status(e)}" for sec in ("diffusion", "generate_single", "ar", "packed",
-                                                                  "engine")
+    r["problems"] = [f"{sec}/{name}: {_status(e)}" for sec in ("fast", "diffusion", "generate_single", "ar",
+                                                                  "packed", "engine")
                      for name, e in r.get(sec, {}).items() if _status(e)]
     r["meta"]["total_s"] = round(elapsed(), 1)
     suite.save()
@@ -569,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "settings": {k: v for k, v in vars(s).items()},
         "memory": {"peak_gib": 0.0},
-        "diffusion": {}, "generate_single": {}, "ar": {}, "packed": {}, "engine": {},
+        "fast": {}, "diffusion": {}, "generate_single": {}, "ar": {}, "packed": {}, "engine": {},
     }
     out = Path(s.out)
     print(f"dgserve GPU suite: {s.config} on {device_name}, torch {torch.__version__}, out {out}", flush=True)
@@ -594,6 +623,21 @@ def main(argv: list[str] | None = None) -> int:
     ar_tokens = s.ar_tokens
     head, *more_steps = s.steps
 
+    # the fast path first: what this suite is for now
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        suite.measure("fast", "sync_debug", lambda: gpu_fast.sync_debug(model))
+    for c in s.fast_canvases:
+        suite.measure("fast", f"modes_{c}", lambda c=c: gpu_fast.forward_modes(model, c, s.reps, compile=False))
+    suite.measure("fast", "sampler", lambda: gpu_fast.sampler(model, s.reps))
+    if on_cuda:
+        suite.measure("fast", "kernels", lambda: gpu_fast.kernels(model))
+    suite.measure("fast", f"engine_batch1_steps_{head}",
+                  lambda: gpu_fast.engine_batch1(model, prompt, head, 4, compile=False))
+    concurrent_prompts = random_prompts(s.concurrent, s.prompt_len, config.text.vocab_size, s.seed + 7)
+    suite.measure("fast", f"engine_concurrent_{s.concurrent}",
+                  lambda: gpu_fast.engine_concurrent(model, concurrent_prompts, head, compile=False))
+
     # warm-up (kernels, allocator) for the batch-1 diffusion shapes; not reported
     try:
         diffusion_instrumented(suite, model, prompt, 2)
@@ -602,8 +646,18 @@ def main(argv: list[str] | None = None) -> int:
         _free(device)
     suite.measure("diffusion", f"steps_{head}", lambda: diffusion_instrumented(suite, model, prompt, head))
     suite.measure("ar", "batch_1", lambda: ar_measure(suite, model, 1, ar_tokens))
+    suite.measure("engine", f"concurrent_{max(s.canvases)}", lambda: engine_measure(suite, model, max(s.canvases)))
+    if s.compile:  # compiling takes minutes: after the figures that matter most
+        for c in (min(s.fast_canvases), max(s.fast_canvases)):
+            suite.measure("fast", f"modes_compiled_{c}",
+                          lambda c=c: gpu_fast.forward_modes(model, c, s.reps, compile=True))
+        suite.measure("fast", f"engine_batch1_steps_{head}_compiled",
+                      lambda: gpu_fast.engine_batch1(model, prompt, head, 4, compile=True))
+        suite.measure("fast", f"engine_concurrent_{s.concurrent}_compiled",
+                      lambda: gpu_fast.engine_concurrent(model, concurrent_prompts, head, compile=True))
     for c in s.canvases:
-        suite.measure("engine", f"concurrent_{c}", lambda c=c: engine_measure(suite, model, c))
+        if f"concurrent_{c}" not in suite.report["engine"]:
+            suite.measure("engine", f"concurrent_{c}", lambda c=c: engine_measure(suite, model, c))
     for c in s.canvases:
         suite.measure("packed", f"canvases_{c}", lambda c=c: packed_measure(suite, model, c))
     for steps in more_steps:

@@ -1,13 +1,36 @@
 #!/usr/bin/env bash
-# One-GPU benchmark suite (bench/gpu_suite.py): DiffusionGemma 26B-A4B, random bf16 weights, < 8 min.
-#   bash bench/gpu_suite.sh [--out DIR] [--cpu-smoke] [...]    (--help lists every option)
-# Runs from the repository root with PYTHONPATH set to it (dgserve need not be pip-installed there);
-# PYTHON overrides the interpreter (default python3).
+# The GPU checks of every open issue in one go, for a lent GPU machine (< 10 min on an H100/H200):
+#   1. the CUDA tests (tests/test_fast_gpu.py, the NCCL EP tests): sync-free step, graph replay == eager,
+#      compiled == eager, the engine with CUDA graphs;
+#   2. bench/gpu_suite.py: DiffusionGemma 26B-A4B, random bf16 weights: the fast path (sync-debug step,
+#      eager/graphed/compiled steps at 1/8/64 canvases, sampler, kernels per forward, batch-1 and 64-concurrent
+#      tokens/s), then the exact path's figures on the same card.
+#   bash bench/gpu_suite.sh [--out DIR] [--cpu-smoke] [--no-compile] [...]    (--help lists every option)
+# Runs from the repository root with PYTHONPATH set to it (dgserve need not be pip-installed there); PYTHON
+# overrides the interpreter (default python3). The device image has torch, safetensors, tokenizers, jinja2,
+# pyyaml and pytest; packages it lacks (pydantic) are installed from wheels carried in .gpu-wheels/ (make them
+# here with: pip download --only-binary :all: --python-version 3.12 --platform manylinux2014_x86_64 \
+#   -d .gpu-wheels pydantic; and pass carry=[".gpu-wheels"] to the device run).
 set -euo pipefail
 export DGSERVE_BENCH_T0="${DGSERVE_BENCH_T0:-$(date +%s.%N)}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
+PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export DGSERVE_BENCH_COMMAND="bash bench/gpu_suite.sh${*:+ $*}"
-exec "${PYTHON:-python3}" bench/gpu_suite.py "$@"
+if ! "$PY" -c "import pydantic" 2>/dev/null && [ -d .gpu-wheels ]; then
+  "$PY" -m pip install -q --no-index --find-links .gpu-wheels pydantic
+fi
+OUT="bench/out/gpu"
+for ((i = 1; i <= $#; i++)); do
+  if [ "${!i}" = "--out" ]; then j=$((i + 1)); OUT="${!j}"; fi
+done
+mkdir -p "$OUT"
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "== CUDA tests"
+  timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_fast_gpu.py tests/test_ep.py \
+    2>&1 | tee "$OUT/cuda_tests.log" | tail -15 || echo "CUDA tests: FAILED or timed out (see $OUT/cuda_tests.log)"
+fi
+echo "== benchmark suite"
+exec "$PY" bench/gpu_suite.py "$@"

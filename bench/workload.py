@@ -121,13 +121,14 @@ class LoadResult:
 
 
 def make_engine(lm: LoadedModel, kv_bytes: int = DEFAULT_KV_BYTES, max_running: int = 64,
-                max_step_tokens: int = 8192, prefix_cache: bool = True, noise_prefetch_bytes: int | None = None
-                ) -> Engine:
-    """``noise_prefetch_bytes``: EngineConfig.sampling_noise_prefetch_bytes (None: the engine's default)."""
+                max_step_tokens: int = 8192, prefix_cache: bool = True, noise_prefetch_bytes: int | None = None,
+                execution: str = "exact", compile: bool | None = None) -> Engine:
+    """``noise_prefetch_bytes``: EngineConfig.sampling_noise_prefetch_bytes (None: the engine's default);
+    ``execution`` / ``compile``: the engine's execution mode and whether fast mode compiles its layers."""
     extra = {} if noise_prefetch_bytes is None else {"sampling_noise_prefetch_bytes": noise_prefetch_bytes}
     cfg = EngineConfig(kv_cache_memory=kv_bytes, max_running=max_running,
                        max_step_tokens=max(max_step_tokens, max_running * lm.config.canvas_length),
-                       enable_prefix_cache=prefix_cache, **extra)
+                       enable_prefix_cache=prefix_cache, execution=execution, compile=compile, **extra)
     return Engine(lm.model, lm.generation, lm.tokenizer, cfg)
 
 

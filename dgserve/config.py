@@ -23,14 +23,22 @@ class _Strict(BaseModel):
 
 
 class ModelSettings(_Strict):
-    path: str = Field(DEFAULT_MODEL, description="checkpoint directory (HF layout) or preset name")
-    served_name: str | None = Field(None, description="model id in the API (default: the path's last component)")
+    path: str = Field(DEFAULT_MODEL, description="checkpoint directory (HF layout), preset name, or Hugging Face "
+                      "model id (owner/name: resolved through the local Hub cache, HF_TOKEN, HF_HUB_OFFLINE)")
+    revision: str | None = Field(None, description="with a Hugging Face model id: its branch, tag or commit "
+                                 "(default main)")
+    served_name: str | None = Field(None, description="model id in the API (default: a Hugging Face model id as "
+                                    "given, else the path's last component)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @property
     def model_id(self) -> str:
-        return self.served_name or self.path.rstrip("/").split("/")[-1]
+        from dgserve.model.hub import is_hub_id  # clients name a Hub model by its id, as vLLM serves it
+
+        if self.served_name:
+            return self.served_name
+        return self.path if is_hub_id(self.path) else self.path.rstrip("/").split("/")[-1]
 
 
 class AutoscalingSettings(_Strict):
@@ -127,6 +135,8 @@ class ReplicaSlice(_Strict):
     capacity_prior_tokens_per_s: float
     prefix_affinity: bool
     affinity_prefix_tokens: int
+    request_timeout_s: float | None  # with engine.max_waiting unset, the queue is sized from it
+    max_ongoing_requests: int
 
 
 class IngressSlice(_Strict):
@@ -163,7 +173,9 @@ class DeployConfig(_Strict):
                             ep_num_redundant=r.ep_num_redundant, ep_collective_timeout_s=r.ep_collective_timeout_s,
                             capacity_prior_tokens_per_s=r.capacity_prior_tokens_per_s,
                             prefix_affinity=self.router.prefix_affinity,
-                            affinity_prefix_tokens=self.router.affinity_prefix_tokens)
+                            affinity_prefix_tokens=self.router.affinity_prefix_tokens,
+                            request_timeout_s=self.ingress.request_timeout_s,
+                            max_ongoing_requests=r.max_ongoing_requests)
 
     def ingress_slice(self) -> IngressSlice:
         return IngressSlice(model=self.model, ingress=self.ingress, auth=self.auth, router=self.router)

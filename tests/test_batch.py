@@ -18,7 +18,7 @@ from dgserve.deploy.cli import main
 
 BAD_LINES = {17: '{"id": 17, "prompt": "unterminated\n', 60: "not json at all\n", 101: '[1, 2, 3]\n',
              150: '{"id": 150}\n', 180: json.dumps({"id": 180, "prompt": "word " * 5000}) + "\n"}
-FAST = {"max_tokens": 8, "steps": 4, "batch_size": 8, "kv_cache_bytes": 32 << 20, "worker_cpus": 0.5}
+FAST = {"max_tokens": 8, "steps": 4, "batch_size": 8, "kv_cache_memory": 32 << 20, "worker_cpus": 0.5}
 
 
 def _write_prompts(path: Path, n: int = 200, bad: dict[int, str] | None = None) -> set[int]:
@@ -106,6 +106,24 @@ def test_engine_worker_runs_a_batch_outside_ray(tmp_path):
     assert worker(batch)["text"][:2] == out["text"][:2]  # --seed: each row's seed comes from its id
 
 
+def test_a_row_cut_by_max_tokens_says_length(tmp_path):
+    """Issue 17: a batch row came back `stop` with completion_tokens == max_tokens. The shipped model answers the
+    chat `sort 9 1 8 2 7 3` (seed 7) with 6 tokens, then EOS."""
+    from dgserve.train.paths import TINY_DIR
+
+    if not (TINY_DIR / "model.safetensors").is_file():
+        pytest.skip("tiny not trained yet")
+    job = BatchJob(model="tiny", input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out.jsonl"),
+                   batch_size=4, kv_cache_memory=32 << 20, worker_cpus=1.0)
+    chat = [{"role": "user", "content": "sort 9 1 8 2 7 3"}]
+    rows = [json.dumps({"id": i, "messages": chat, "seed": 7, "max_tokens": n}) for i, n in enumerate([2, 5, 6, 32])]
+    prep = Prepare("jsonl", set())(_Rows([{"text": line} for line in rows]))
+    out = EngineWorker(job.model_dump())({k: list(v) for k, v in prep.items()})
+    assert out["finish_reason"] == ["length", "length", "stop", "stop"]
+    assert out["completion_tokens"] == [2, 5, 6, 6]
+    assert [t.strip() for t in out["text"]] == ["1 2", "1 2 3 7 8", "1 2 3 7 8 9", "1 2 3 7 8 9"]
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--min-workers", "3", "--max-workers", "2"], "max_workers (2) < min_workers (3)"),
     (["--input", "/nonexistent.jsonl"], "/nonexistent.jsonl: no such file"),
@@ -157,7 +175,7 @@ def test_kill_midway_then_rerun_gives_every_row_exactly_once(ray_session, tmp_pa
     good = _write_prompts(tmp_path / "in.jsonl")
     out = tmp_path / "out.jsonl"
     args = ["batch", "--input", str(tmp_path / "in.jsonl"), "--output", str(out), "--max-workers", "1",
-            "--flush-rows", "8", "--max-tokens", "8", "--steps", "4", "--batch-size", "8", "--kv-cache-bytes",
+            "--flush-rows", "8", "--max-tokens", "8", "--steps", "4", "--batch-size", "8", "--kv-cache-memory",
             str(32 << 20), "--quiet"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_worker_prestart": "0",
            "RAY_prestart_worker_first_driver": "0"}

@@ -73,6 +73,18 @@ def test_gpu_suite_cpu_smoke(tmp_path: Path) -> None:
     for name, entry in r["ar"].items():
         _positive_numbers(entry, AR_KEYS, f"ar.{name}")
         assert entry["new_tokens"] == s["ar_tokens"] and "truncated_by_time_guard" not in entry
+    fast = r["fast"]
+    assert {f"modes_{c}" for c in s["fast_canvases"]} <= set(fast)
+    for c in s["fast_canvases"]:
+        _positive_numbers(fast[f"modes_{c}"], {"eager_step_ms", "eager_forward_ms", "graphed_step_ms"}, f"fast.{c}")
+        assert fast[f"modes_{c}"]["graphed_argmax_agreement_with_eager"] == 1.0  # on CPU: the same eager step
+    _positive_numbers(fast["sampler"], {"exact_16_row_chunks_ms", "fast_per_canvas_ms"}, "fast.sampler")
+    b1 = fast["engine_batch1_steps_16"]
+    _positive_numbers(b1, {"tokens_per_s_end_to_end", "tokens_per_s_steady_state", "inter_canvas_ms"}, "fast.b1")
+    assert b1["new_tokens"] == 4 * 32
+    cc = fast[f"engine_concurrent_{s['concurrent']}"]
+    assert cc["new_tokens"] == s["concurrent"] * 32 and cc["max_canvases_per_forward"] == s["concurrent"]
+    assert "## Fast path" in md
     assert set(r["packed"]) == {f"canvases_{c}" for c in s["canvases"]}
     for name, entry in r["packed"].items():
         _positive_numbers(entry, PACKED_KEYS, f"packed.{name}")

@@ -150,7 +150,7 @@ def test_missing_shard(good_dir):
 
 
 def test_not_a_directory_nor_preset(tmp_path):
-    _expect(tmp_path / "nope", "not a checkpoint directory and not a preset")
+    _expect(tmp_path / "nope", "not a checkpoint directory, not a preset")
 
 
 def test_bf16_checkpoint_cast_on_load(good_dir):

@@ -51,7 +51,7 @@ def test_generate_chat_prints_text():
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--max-tokens", "0"], "invalid --max-tokens"),
-    (["--model", "/nonexistent/dir"], "not a checkpoint directory and not a preset"),
+    (["--model", "/nonexistent/dir"], "not a checkpoint directory, not a preset"),
     (["--steps", "0"], "invalid --steps"),
 ])
 def test_generate_bad_arguments(args, message):

@@ -1,5 +1,6 @@
 """`dgserve run` as a user runs it: the console script with no flags but a port, an embedded Ray of its
-own, the default (shipped, trained) model, then a chat request through the real HTTP port."""
+own, the default (shipped, trained) model, then a chat request through the real HTTP port, `dgserve status`
+beside it, clients that walk away mid-stream, and Ctrl-C: a log with no tracebacks from start to exit."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ def test_dgserve_run_default_model_answers_chat_with_readable_text(tmp_path: Pat
     port = _free_port()
     exe = shutil.which("dgserve", path=str(Path(sys.executable).parent)) or shutil.which("dgserve")
     cmd = [exe] if exe else [sys.executable, "-m", "dgserve.deploy.cli"]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": ""}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "", "XDG_CACHE_HOME": str(tmp_path),
+           "RAY_DASHBOARD_ADDRESS": ""}
     log = tmp_path / "dgserve-run.log"
     with open(log, "w") as logf:
         proc = subprocess.Popen([*cmd, "run", "--port", str(port)], env=env, stdout=logf, stderr=subprocess.STDOUT,
@@ -70,6 +72,17 @@ def test_dgserve_run_default_model_answers_chat_with_readable_text(tmp_path: Pat
                                                  "seed": 0})
         text = done["choices"][0]["text"]
         assert len(text.split()) >= 5 and ascii_word_fraction(text) >= 0.8, text
+
+        # `dgserve status` finds this run's embedded Ray (it has no dashboard) without an address
+        status = subprocess.run([*cmd, "status"], env=env, capture_output=True, text=True, timeout=120)
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert status.stdout.splitlines()[0] == "dgserve  RUNNING", status.stdout
+
+        # clients that disconnect mid-stream are routine: no traceback in the log
+        for _ in range(4):
+            _stream_then_hang_up(f"{base}/v1/chat/completions", {
+                "model": "tiny", "messages": [{"role": "user", "content": "Write a long story about a king."}],
+                "max_tokens": 2000, "ignore_eos": True, "stream": True})
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: shuts Serve and the embedded Ray down
         try:
@@ -79,4 +92,14 @@ def test_dgserve_run_default_model_answers_chat_with_readable_text(tmp_path: Pat
             proc.wait()
             raise
     assert rc == 0, log.read_text()[-4000:]
-    assert "shutting down" in log.read_text()
+    printed = log.read_text()
+    assert "shutting down" in printed
+    assert "Traceback" not in printed and "graceful_shutdown failed" not in printed, printed[-6000:]
+    assert list((tmp_path / "dgserve" / "runs").glob("*.json")) == []  # the run unregistered itself
+
+
+def _stream_then_hang_up(url: str, body: dict) -> None:
+    """Read the first bytes of a stream, then close the connection without reading the rest."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        assert resp.read(64)

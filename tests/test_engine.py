@@ -199,7 +199,7 @@ def test_async_engine_streams_and_cancels(tiny):
                                sampling=SAMPLING, ignore_eos=True)
         assert [t for e in events if isinstance(e, CanvasEvent) for t in e.token_ids] == solo.token_ids
         r2 = _requests(1, seed=5)[0]
-        r2.max_tokens = 10_000
+        r2.max_tokens = engine.max_tokens_that_fit(r2)  # as long as the cache allows: ~125 canvases
         r2.request_id = "long"
         agen = aeng.generate(r2)
         first = await agen.__anext__()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import gzip
 import json
 import re
 import shutil
@@ -80,11 +79,18 @@ def rendered() -> dict[str, list[dict]]:
     return {name: _objects(_render(_values(files, extra))) for name, (files, extra) in VARIANTS.items()}
 
 
+# KubeRay's RayService CRD lives beside the repository (../shared/k8s), read in place: it is not ours to copy
+SHARED_CRD = REPO.parent / "shared" / "k8s" / "ray.io_rayservices.yaml"
+
+
 @functools.cache
 def _crd_schema() -> dict:
-    """The RayService v1 schema of KubeRay's CRD (a copy under tests/data/kuberay, see its README)."""
-    with gzip.open(REPO / "tests" / "data" / "kuberay" / "rayservice-v1-schema.json.gz") as f:
-        return json.load(f)
+    """The RayService v1 schema of KubeRay's CRD."""
+    if not SHARED_CRD.is_file():
+        pytest.skip(f"KubeRay's CRD ({SHARED_CRD}, i.e. ../shared/k8s beside the repository) is not on this machine")
+    crd = yaml.safe_load(SHARED_CRD.read_text())
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return v1["schema"]["openAPIV3Schema"]
 
 
 @functools.cache

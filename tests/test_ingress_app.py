@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
+from starlette.requests import ClientDisconnect
 
 from dgserve.engine.request import (
     CanvasEvent,
@@ -157,6 +159,18 @@ async def test_completion_maps_request_fields() -> None:
     assert req.request_id == data["id"] and req.draft_every == 0
     # temperature scales the checkpoint's t_max -> t_min schedule (0.8 -> 0.4)
     assert req.sampling == SamplingParams(t_max=0.4, t_min=0.2, entropy_bound=0.3, max_denoising_steps=12)
+
+
+async def test_temperature_zero_is_greedy_denoising_with_a_fixed_seed() -> None:
+    backend = FakeBackend()
+    async with http(build_fastapi_app(backend)) as client:
+        r = await client.post("/v1/chat/completions", json=chat(temperature=0))
+        seeded = await client.post("/v1/chat/completions", json=chat(temperature=0.0, seed=5))
+    assert r.status_code == seeded.status_code == 200, r.text
+    greedy, greedy_seeded = backend.requests
+    # argmax sampling; acceptance keeps the checkpoint's schedule; renoising draws from a fixed seed
+    assert greedy.sampling == SamplingParams(greedy=True) and greedy.seed == 0
+    assert greedy_seeded.sampling.greedy and greedy_seeded.seed == 5
 
 
 async def test_default_max_tokens_fills_the_context_or_the_setting() -> None:
@@ -306,7 +320,6 @@ async def test_engine_cancelled_is_503() -> None:
     ("/v1/chat/completions", chat(max_tokens=5, max_completion_tokens=6), "max_completion_tokens", "disagree"),
     ("/v1/chat/completions", chat(frobnicate=True), "frobnicate", "Unrecognized request argument"),
     ("/v1/chat/completions", chat(top_p=0.5), "top_p", "top_p"),
-    ("/v1/chat/completions", chat(temperature=0), "temperature", "seed"),
     ("/v1/chat/completions", chat(temperature=0.5, t_max=1.0), "t_max", "not both"),
     ("/v1/chat/completions", chat(t_min=0.9), "t_max", "must be greater than t_min"),
     ("/v1/chat/completions", chat(stream_options={"include_usage": True}), "stream_options", "stream is true"),
@@ -418,8 +431,10 @@ async def test_api_key_hook() -> None:
 # ------------------------------------------------------------------------------ disconnect and timeouts
 
 
-async def call_asgi(app: Any, body: dict[str, Any], disconnect: asyncio.Event) -> list[dict[str, Any]]:
-    """POST /v1/... straight through ASGI; the client 'disconnects' when ``disconnect`` is set."""
+async def call_asgi(app: Any, body: dict[str, Any], disconnect: asyncio.Event,
+                    raises: BaseException | None = None) -> list[dict[str, Any]]:
+    """POST /v1/... straight through ASGI; the client 'disconnects' when ``disconnect`` is set (``raises``: the
+    host reports it by raising this from ``receive``, as Ray Serve's cancelled request task does)."""
     sent: list[dict[str, Any]] = []
     raw = json.dumps(body).encode()
     path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
@@ -435,6 +450,8 @@ async def call_asgi(app: Any, body: dict[str, Any], disconnect: asyncio.Event) -
             body_sent = True
             return {"type": "http.request", "body": raw, "more_body": False}
         await disconnect.wait()
+        if raises is not None:
+            raise raises
         return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
@@ -456,6 +473,29 @@ async def test_disconnect_cancels_the_backend(stream: bool) -> None:
     assert backend.unfinished == [backend.requests[0].request_id]
     if stream:  # what was committed before the disconnect had been sent
         assert b"Hello" in b"".join(m.get("body", b"") for m in sent)
+
+
+class HostCancelled(Exception):
+    """Stands for ray.exceptions.TaskCancelledError, what Ray Serve's ASGI receive raises after a disconnect."""
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("error", [HostCancelled("task was cancelled"), ClientDisconnect()])
+async def test_a_disconnect_is_one_info_line(stream: bool, error: Exception, caplog: pytest.LogCaptureFixture) -> None:
+    backend = FakeBackend(hang_before_canvas=1)
+    app = build_fastapi_app(backend, disconnect_errors=(HostCancelled,))
+    disconnect = asyncio.Event()
+    caplog.set_level(logging.INFO)
+    call = asyncio.create_task(call_asgi(app, chat(stream=stream), disconnect, raises=error))
+    await asyncio.wait_for(backend.hanging.wait(), timeout=5)
+    disconnect.set()
+    await call
+    assert backend.unfinished == [backend.requests[0].request_id]
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert not any(r.exc_info for r in caplog.records)
+    if stream:  # a non-streaming request notices the disconnect itself (a 499, nothing to log)
+        (line,) = [r.getMessage() for r in caplog.records if r.name == "dgserve.routing.disconnects"]
+        assert line.startswith("client disconnected before POST /v1/chat/completions was answered")
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -80,12 +80,15 @@ def test_split_budget_never_exceeds_budget(config: ModelConfig, budget_mib: int,
     full_b, sliding_b = block_bytes(config, "full", bs, dtype), block_bytes(config, "sliding", bs, dtype)
     used = split.full * full_b + split.sliding * sliding_b
     assert used <= budget
-    assert split.sliding * sliding_b <= budget // 2  # the full space keeps at least half
     assert budget - used < full_b  # nothing left that would fit one more full block
     t = config.text
     chunk = max(config.canvas_length if max_chunk is None else max_chunk, config.canvas_length)
     per_seq = -(-(t.sliding_window - 1 + chunk) // bs) + 1
-    assert split.sliding == min(max_seqs * per_seq, (budget // 2) // sliding_b)
+    # the sliding space is sized from max_seqs, leaving the full space a chunk and a canvas per sequence (at
+    # most half the budget)
+    full_floor = min(budget // 2, max_seqs * full_b * -(-(chunk + config.canvas_length) // bs))
+    assert split.sliding == min(max_seqs * per_seq, (budget - full_floor) // sliding_b)
+    assert split.full * full_b >= full_floor - full_b
     assert split.sliding >= per_seq
 
 

@@ -175,6 +175,38 @@ def test_overload_answers_429_with_retry_after(small_app):
             assert r.json()["error"]["type"]
 
 
+def test_the_default_config_sheds_overload_with_429(serve_http):
+    """No queue knob set (engine.max_waiting unset, Serve's defaults): the replica takes its batch plus what it
+    can serve within a tenth of the request timeout at its (prior) throughput, and answers the rest 429 at once.
+    Here: 200 tokens/s x 0.8 s / 32-token requests -> 5 queued behind a batch of 64 = 69 in flight."""
+    from ray import serve
+
+    from dgserve.replicas.admission import QUEUE_WAIT_SHARE
+
+    url = _deploy(serve_http, "defaults", "/defaults", {"ingress": {"request_timeout_s": 8.0}})
+    config = DeployConfig.from_args({"ingress": {"request_timeout_s": 8.0}})
+    assert config.engine.max_waiting is None and config.replicas.capacity_prior_tokens_per_s == 200.0
+    bound = config.engine.max_running + int(200.0 * 8.0 * QUEUE_WAIT_SHARE / 32)
+    try:
+        async def main():
+            limits = httpx.Limits(max_connections=200)
+            async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+                body = {"model": MODEL, "prompt": "busy", "max_tokens": 32, "seed": 1, "ignore_eos": True,
+                        "max_denoising_steps": 4}
+                return await asyncio.gather(*(client.post(url + "/v1/completions", json=body)
+                                              for _ in range(bound + 30)))
+
+        responses = asyncio.run(main())
+    finally:
+        serve.delete("defaults")
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 429}, sorted(codes)
+    assert codes.count(429) >= 10 and codes.count(200) >= bound - 10, (codes.count(200), codes.count(429))
+    for r in responses:
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "server_overloaded"
+
+
 def test_client_disconnect_frees_engine_memory(small_app):
     import ray
 

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 Format = Literal["jsonl", "parquet"]
 RAW_LIMIT = 500  # characters of a bad row kept in the errors file
+# at most this many input rows not in the output yet: read the input here first, in case none needs an engine
+LOCAL_RECHECK_ROWS = 10_000
 OUTPUT_COLUMNS = ("id", "text", "finish_reason", "prompt_tokens", "completion_tokens")
 
 
@@ -47,6 +49,7 @@ class BatchJob(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
     model: str = DEFAULT_MODEL
+    revision: str | None = Field(None, description="with a Hugging Face model id: its branch, tag or commit")
     input: str
     output: str
     errors: str | None = Field(None, description="errors file (JSONL; default OUTPUT.errors.jsonl)")
@@ -60,8 +63,8 @@ class BatchJob(BaseModel):
     worker_cpus: float = Field(1.0, gt=0.0)
     worker_gpus: float = Field(0.0, ge=0.0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    kv_cache_bytes: int | None = Field(None, gt=0, description="per worker; default: the engine's "
-                                                               "(EngineConfig.kv_cache_memory)")
+    kv_cache_memory: int | None = Field(None, gt=0, description="bytes per worker; default: the engine's "
+                                                                "(EngineConfig.kv_cache_memory)")
     flush_rows: int = Field(256, ge=1, description="rows per part file")
     flush_seconds: float = Field(10.0, gt=0.0, description="longest wait before results are made durable")
 
@@ -242,12 +245,12 @@ class EngineWorker:
         self.job = BatchJob.model_validate(job)
         torch.set_num_threads(max(1, int(self.job.worker_cpus)))
         device = "cuda" if self.job.worker_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.loaded = load(self.job.model, dtype=self.job.dtype, device=device)
+        self.loaded = load(self.job.model, dtype=self.job.dtype, device=device, revision=self.job.revision)
         if self.loaded.tokenizer is None:
             raise RuntimeError(f"{self.job.model}: the checkpoint has no tokenizer.json, so prompts cannot be "
                                "encoded")
         self._make_engine = lambda: Engine(self.loaded.model, self.loaded.generation, self.loaded.tokenizer,
-                                           EngineConfig(kv_cache_memory=self.job.kv_cache_bytes,
+                                           EngineConfig(kv_cache_memory=self.job.kv_cache_memory,
                                                         max_running=min(self.job.batch_size, 256),
                                                         max_waiting=max(self.job.batch_size, 1)))
         self.engine = self._make_engine()
@@ -322,7 +325,7 @@ class EngineWorker:
                     results[ev.request_id] = {"text": "".join(texts[ev.request_id]),
                                               "finish_reason": ev.finish_reason,
                                               "prompt_tokens": ev.stats.prompt_tokens,
-                                              "completion_tokens": ev.stats.new_tokens}
+                                              "completion_tokens": ev.stats.completion_tokens}
         out: dict[str, list[Any]] = {c: [] for c in ("key", "id", "text", "finish_reason", "prompt_tokens",
                                                      "completion_tokens", "error", "raw", "worker")}
         for i, row in enumerate(rows):
@@ -521,15 +524,39 @@ def count_input_rows(path: Path, fmt: Format) -> int:
         return sum(1 for line in f if line.strip())
 
 
+def leftover_rows(path: Path, fmt: Format, done: set[str]) -> tuple[int, list[dict[str, Any]]]:
+    """By the Prepare stage's rules, read in this process: how many input rows still need an engine, and the
+    error rows of those that never will (bad JSON, no id, no prompt). Lets a rerun with nothing left to do
+    finish without starting Ray."""
+    prepare = Prepare(fmt, done)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        items: Iterator[dict[str, Any]] = iter(pq.read_table(path).to_pylist())
+    else:
+        items = ({"text": line.rstrip("\r\n")} for line in path.open(encoding="utf-8", errors="replace")
+                 if line.strip())
+    pending, errors = 0, []
+    for item in items:
+        key, id_json, _, error, raw = prepare._one(item)
+        if error:
+            errors.append({"id": json.loads(id_json), "error": error, **({"raw": raw} if raw else {})})
+        elif key not in done:
+            pending += 1
+    return pending, errors
+
+
 def _check_model(model: str) -> None:
     """Fail before starting Ray (and every pool actor failing alike) when the model cannot be found."""
     from dgserve.model.checkpoint import SHIPPED_CHECKPOINTS, resolve_shipped
     from dgserve.model.config import PRESETS
+    from dgserve.model.hub import is_hub_id
 
-    if model in PRESETS or (Path(resolve_shipped(model)) / "config.json").is_file():
+    if model in PRESETS or (Path(resolve_shipped(model)) / "config.json").is_file() or is_hub_id(model):
         return
-    raise BatchError(f"{model}: not a checkpoint directory (no config.json) and not a preset "
-                     f"(presets: {', '.join(sorted({*PRESETS, *SHIPPED_CHECKPOINTS}))})")
+    raise BatchError(f"{model}: not a checkpoint directory (no config.json), not a preset "
+                     f"(presets: {', '.join(sorted({*PRESETS, *SHIPPED_CHECKPOINTS}))}) and not a Hugging Face "
+                     "model id (owner/name)")
 
 
 def _connect_ray(address: str | None) -> bool:
@@ -591,6 +618,19 @@ def run_batch(job: BatchJob, on_progress: Callable[[Progress], None] | None = No
     store = OutputStore(job.output, detect_format(job.output))
     done = store.done_keys()
     total = count_input_rows(in_path, in_fmt)
+    if total - len(done) <= LOCAL_RECHECK_ROWS:  # maybe nothing is left: find out without starting Ray
+        t0 = time.monotonic()
+        pending, bad = leftover_rows(in_path, in_fmt, done)
+        if pending == 0:
+            errors = ErrorLog(job.errors_path)
+            try:
+                errors.write(bad)
+            finally:
+                errors.close()
+            store.finalize()  # parts of an interrupted run that had already written everything
+            return BatchSummary(output=str(store.path), errors_file=str(errors.path), total_rows=total,
+                                skipped=len(done), written=0, errors=errors.count, tokens=0,
+                                seconds=time.monotonic() - t0, workers=0, workers_started=0)
     started_ray = _connect_ray(job.address)
     import ray
     import ray.data

@@ -80,6 +80,10 @@ def run(fields: dict) -> int:
           f"{summary.errors} errors in {summary.errors_file}; {summary.tokens} tokens in {summary.seconds:.1f} s "
           f"({summary.tokens / summary.seconds if summary.seconds > 0 else 0:,.0f} tokens/s) on up to "
           f"{summary.workers} workers", file=sys.stderr)
+    if summary.errors:
+        print(f"dgserve batch: {summary.errors} of {summary.total_rows} rows failed; each is listed with its reason "
+              f"in {summary.errors_file} (exit status 1)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -88,8 +92,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "batch", help="generate for every row of a JSONL/Parquet file on an autoscaled pool of engines",
         description="Input rows: {\"id\": ..., \"prompt\": \"...\"} or {\"id\": ..., \"messages\": [...]} (optional "
                     "\"max_tokens\", \"seed\"). Output rows: id, text, finish_reason, prompt_tokens, "
-                    "completion_tokens. Rows that fail go to the errors file; rerunning resumes.")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory or preset (default {DEFAULT_MODEL})")
+                    "completion_tokens. Rows that fail go to the errors file; rerunning resumes. Exit status 0 "
+                    "when every row was written, 1 when some rows failed, 2 for a bad job.")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint directory, preset or Hugging Face model id "
+                                                          f"(default {DEFAULT_MODEL})")
+    p.add_argument("--revision", help="with a Hugging Face model id: its branch, tag or commit (default main)")
     p.add_argument("--input", required=True, help="prompts, .jsonl or .parquet")
     p.add_argument("--output", required=True, help="results, .jsonl or .parquet (resumed if it exists)")
     p.add_argument("--errors", help="errors file (default OUTPUT.errors.jsonl)")
@@ -102,9 +109,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="prompts run together by one engine (default 32)")
     p.add_argument("--worker-cpus", type=float, default=1.0, help="CPUs per engine actor (default 1)")
     p.add_argument("--worker-gpus", type=float, default=0.0, help="GPUs per engine actor (default 0; 1 on GPUs)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--kv-cache-bytes", type=int, help="KV cache per engine (default: what the engine's running "
-                                                      "sequences at full context need, at most half the free memory)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weight and activation dtype (default float32)")
+    p.add_argument("--kv-cache-memory", type=int, help="KV cache bytes per engine (default: what the engine's "
+                                                       "running sequences at full context need, at most half the "
+                                                       "free memory)")
     p.add_argument("--flush-rows", type=int, default=256, help="rows per durable part file (default 256)")
     p.add_argument("--flush-seconds", type=float, default=10.0, help="longest wait before results are durable")
     p.add_argument("--quiet", action="store_true", help="no progress line")

@@ -8,6 +8,7 @@ import sys
 from pydantic import BaseModel, ConfigDict
 
 from dgserve.config import DeployConfig
+from dgserve.deploy.cli_support import check_model_path
 from dgserve.deploy.serve_config import (
     build_serve_config,
     load_deploy_config,
@@ -26,6 +27,7 @@ class BuildArgs(BaseModel):
 
 def run(args: BuildArgs) -> int:
     config = load_deploy_config(args.config)
+    check_model_path(config.model.path, " + ".join(args.config))
     data = build_serve_config(config)
     validate_serve_config(data, source="generated config")  # an internal invariant, but cheap and worth a clear error
     fmt = "json" if args.output and args.output.lower().endswith(".json") else "yaml"

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dgserve.deploy.cli_support import UsageError
+from dgserve.deploy.cli_support import UsageError, check_model_path
 from dgserve.deploy.dashboard_api import DashboardClient
 from dgserve.deploy.serve_config import build_serve_config, load_deploy_config, read_mapping, validate_serve_config
 
@@ -33,7 +33,9 @@ def load_serve_config(path: str) -> dict[str, Any]:
     """A Serve config file, or a DeployConfig file (built on the fly, as ``dgserve build`` would)."""
     data = read_mapping(path)
     if "applications" not in data:
-        data = build_serve_config(load_deploy_config(path))
+        config = load_deploy_config(path)
+        check_model_path(config.model.path, path)
+        data = build_serve_config(config)
     validate_serve_config(data, source=path)  # the dashboard would say the same, less clearly
     return data
 

@@ -8,6 +8,8 @@ import json
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dgserve.deploy.cli_support import THREADS_HELP
+
 
 class EvalArgs(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
@@ -61,12 +63,14 @@ def run(args: EvalArgs) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="quality/speed of a trained checkpoint (held-out loss, task accuracy, tokens/s)")
+    p = sub.add_parser("eval", help="quality/speed of a trained checkpoint (held-out loss, task accuracy, tokens/s)",
+                       description="Evaluate a trained checkpoint: held-out denoising loss, exact match on the "
+                                   "synthetic sorting task and tokens/s, over a grid of sampler settings.")
     p.add_argument("--model", default="tiny", help="checkpoint directory or preset (default tiny)")
     p.add_argument("--n", type=int, default=100, help="held-out sorting problems per setting (default 100)")
     p.add_argument("--entropy-bounds", type=_floats, default=[0.05, 0.1, 0.3], help="comma list (0.05,0.1,0.3)")
     p.add_argument("--max-steps", type=_ints, default=[8, 16, 48], help="comma list (8,16,48)")
     p.add_argument("--no-loss", dest="loss", action="store_false", help="skip the held-out loss")
     p.add_argument("--json", dest="json_output", action="store_true", help="print one JSON object")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     p.set_defaults(handler=lambda ns: run(EvalArgs(**ns)))

@@ -13,13 +13,15 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dgserve.train.paths import TINY_DIR, default_work_dir
+from dgserve.train.paths import default_work_dir
+
+DEFAULT_OUT = "dgserve-tiny"  # in the current directory: never into the installed package unless asked
 
 
 class TrainArgs(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    out: str = str(TINY_DIR)
+    out: str = DEFAULT_OUT
     work: str | None = None
     steps: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0)
@@ -78,11 +80,15 @@ def run(args: TrainArgs) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train the small tiny model on CPU (resumable) and export the checkpoint")
-    p.add_argument("--out", default=str(TINY_DIR), help="checkpoint directory to write (default: the shipped tiny)")
+    p = sub.add_parser("train", help="train the small tiny model on CPU (resumable) and export the checkpoint",
+                       description="Train the small DiffusionGemma-architecture model (the recipe of the shipped "
+                                   "`tiny`) on CPU from public texts and export a checkpoint directory. Resumable: "
+                                   "rerun the same command after an interruption.")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"checkpoint directory to write (default ./{DEFAULT_OUT}; "
+                                                      "dgserve/model/assets/tiny rewrites the shipped model)")
     p.add_argument("--work", help=f"resumable training state (default {default_work_dir()})")
     p.add_argument("--steps", type=int, help="optimizer steps (default: the recipe's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1; 2 only on an otherwise idle machine)")
     p.add_argument("--fresh", action="store_true", help="discard the work directory's state and start over")

@@ -10,6 +10,7 @@ so a seeded request's tokens do not depend on its batch-mates. ``dgserve.engine.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -20,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from dgserve.engine import fast_step
+from dgserve.engine.finish import canvas_outcome, text_ids
 from dgserve.engine.kv_budget import default_kv_budget
 from dgserve.engine.kv_pages import BlockTable, KVPagePool, PagedKV
 from dgserve.engine.prefix_cache import PrefixCache
@@ -32,11 +34,12 @@ from dgserve.engine.request import (
     FinishReason,
     GenerationRequest,
     InvalidRequest,
+    MaxTokensTooLarge,
     PromptTooLong,
     RequestStats,
 )
 from dgserve.engine.runner import FastRunner, Row
-from dgserve.engine.sampler import StabilityTracker, denoise_step, first_eos, random_canvas
+from dgserve.engine.sampler import StabilityTracker, denoise_step, random_canvas
 from dgserve.engine.sampling_noise import NoisePrefetcher
 from dgserve.engine.scheduler import SchedulerLimits, SeqView, StepPlan, Work, schedule
 from dgserve.engine.single import make_generator
@@ -58,7 +61,9 @@ class EngineConfig(BaseModel):
     max_step_tokens: int = Field(8192, ge=1)
     max_running: int = Field(64, ge=1)
     prefill_chunk: int = Field(512, ge=1)
-    max_waiting: int = Field(1024, ge=0)
+    # requests queued for admission at most, beyond which they are refused (EngineOverloaded: a 429); None: no
+    # bound here (a Serve replica then bounds its queue from measured throughput: dgserve.replicas.admission)
+    max_waiting: int | None = Field(None, ge=0)
     enable_prefix_cache: bool = True
     # CPU only: draw requests' next-step sampling noise (canvas x vocab fp32 each) on a worker thread while
     # the forward runs, up to this many bytes in flight (0: off); same random stream, same tokens
@@ -150,6 +155,7 @@ class Engine:
         self.canvases_in_forward: deque[int] = deque(maxlen=256)
         self.tokens_in_forward: deque[int] = deque(maxlen=256)
         self.completed = 0
+        self.preemptions = 0
         # test/diagnostic hook: called with (request_id, step, final hidden states [C, H]) of every denoise
         self.on_denoise = None
         prefetch = self.config.sampling_noise_prefetch_bytes
@@ -164,22 +170,44 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------------
     def check_request(self, req: GenerationRequest) -> None:
-        """Raise InvalidRequest / PromptTooLong (bad request) or EngineOverloaded (queue full); reads state only."""
+        """Raise InvalidRequest / PromptTooLong / MaxTokensTooLarge (bad request) or EngineOverloaded (queue full);
+        reads state only."""
         if not req.prompt_ids:
             raise InvalidRequest("the prompt must contain at least one token")
         if req.max_tokens < 1:
             raise InvalidRequest("max_tokens must be at least 1")
         if any(not 0 <= t < self.vocab for t in req.prompt_ids):
             raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab})")
-        need = self.pool.blocks_needed(len(req.prompt_ids) + len(req.committed_ids) + self.canvas).full
-        if need > self.pool.num_blocks("full"):
-            raise PromptTooLong(f"prompt of {len(req.prompt_ids)} tokens cannot fit in the KV cache "
-                             f"({self.pool.token_capacity()} tokens)")
-        if len(self.waiting) >= self.config.max_waiting:
+        fits = self.max_tokens_that_fit(req)
+        if fits == 0:
+            raise PromptTooLong(self._too_large(req, fits))
+        if fits < req.max_tokens and not req.fit_max_tokens:
+            raise MaxTokensTooLarge(self._too_large(req, fits))
+        if self.config.max_waiting is not None and len(self.waiting) >= self.config.max_waiting:
             raise EngineOverloaded(len(self.waiting))
+
+    def max_tokens_that_fit(self, req: GenerationRequest) -> int:
+        """The largest max_tokens this request can have for its KV to fit the cache when it runs alone.
+
+        Its KV grows canvas by canvas up to prompt + committed + every canvas of max_tokens (a request preempted
+        just before its last canvas is re-admitted with that canvas reserved), so a request whose total fits
+        always progresses: as the oldest it can preempt all others; one that does not fit would preempt itself
+        forever. Whole canvases: 0 when not even the prompt and one canvas fit."""
+        held = len(req.prompt_ids) + len(req.committed_ids)
+        return max(0, (self.pool.token_capacity() - held) // self.canvas * self.canvas)
+
+    def _too_large(self, req: GenerationRequest, fits: int) -> str:
+        held = len(req.prompt_ids) + len(req.committed_ids)
+        need = held + -(-req.max_tokens // self.canvas) * self.canvas
+        advice = f"lower max_tokens to at most {fits}" if fits >= 1 else "shorten the prompt"
+        return (f"prompt ({held} tokens) + max_tokens ({req.max_tokens}, rounded up to whole canvases of "
+                f"{self.canvas}) need {need} tokens of KV cache, but the server's cache holds "
+                f"{self.pool.token_capacity()}; {advice}")
 
     def add_request(self, req: GenerationRequest) -> None:
         self.check_request(req)
+        if req.fit_max_tokens and req.max_tokens > (fits := self.max_tokens_that_fit(req)):
+            req = dataclasses.replace(req, max_tokens=fits)
         if req.request_id in self.running or any(s.req.request_id == req.request_id for s in self.waiting):
             raise InvalidRequest(f"duplicate request id {req.request_id!r}")
         gen = make_generator(req.seed, self.model.device)
@@ -197,7 +225,7 @@ class Engine:
             # failover: the text of these tokens was already streamed; prime the decoder canvas by canvas so
             # a character split across the canvas boundary comes out exactly as it would have without it
             for i in range(0, len(req.committed_ids), self.canvas):
-                seq.decoder.push(req.committed_ids[i:i + self.canvas])
+                seq.decoder.push(text_ids(req.committed_ids[i:i + self.canvas], self.generation.pad_token_id))
         self._arrivals += 1
         self.waiting.append(seq)
 
@@ -311,7 +339,8 @@ class Engine:
                     s.steps = 0
                 rows.append(Row(fast_step.DENOISE, s.slot, s.cached_len, s.table, self.canvas,
                                 fresh=not s.canvas_started, cur_step=p.max_denoising_steps - s.steps, sampling=p,
-                                seed=s.seed, canvas_index=len(s.req.committed_ids) // self.canvas + s.canvas_index))
+                                greedy=p.greedy, seed=s.seed,
+                                canvas_index=len(s.req.committed_ids) // self.canvas + s.canvas_index))
         out = self.runner.run(rows)
         self._count_forward(seqs)
         events: list[Event] = []
@@ -385,6 +414,7 @@ class Engine:
 
     def _preempt(self, s: _Seq) -> None:
         log.info("preempting %s (%d cached tokens)", s.req.request_id, s.cached_len)
+        self.preemptions += 1
         self.pool.free(s.table)
         self._free_slots.append(s.slot)
         del self.running[s.req.request_id]
@@ -408,7 +438,7 @@ class Engine:
 
     def _prefetch_noise(self, s: _Seq) -> None:
         """Start drawing the next step's sampling noise (the generator's next use) on the noise thread."""
-        if self._noise is not None and s.noise is None:
+        if self._noise is not None and s.noise is None and not s.req.sampling.greedy:  # greedy draws no noise
             s.noise = self._noise.submit((self.canvas, self.vocab), s.gen)
 
     def _drop_noise(self, s: _Seq) -> None:
@@ -447,13 +477,13 @@ class Engine:
         s.stats.canvases += 1
         if s.stats.time_to_first_canvas is None:
             s.stats.time_to_first_canvas = time.perf_counter() - s.started
-        eos_at = None if s.req.ignore_eos else first_eos(committed, self.generation.eos_token_ids)
-        new = committed if eos_at is None else committed[:eos_at]
-        new = new[: s.req.max_tokens - len(s.out_ids)]
-        finish: FinishReason | None = "stop" if eos_at is not None else None
-        text = s.decoder.push(new) if s.decoder is not None else ""
-        last = eos_at is not None or len(s.out_ids) + len(new) >= s.req.max_tokens
-        if last and s.decoder is not None:
+        pad = self.generation.pad_token_id
+        outcome = canvas_outcome(committed, s.req.max_tokens - len(s.out_ids), self.generation.eos_token_ids, pad,
+                                 s.req.ignore_eos)
+        new = outcome.token_ids
+        finish: FinishReason | None = outcome.finish
+        text = s.decoder.push(text_ids(new, pad)) if s.decoder is not None else ""
+        if finish is not None and s.decoder is not None:
             text += s.decoder.flush()  # the final canvas: emit any held-back partial character too
         if s.req.stop and s.decoder is not None:
             # stop strings are matched on committed text; the output is cut where the first one starts
@@ -465,17 +495,17 @@ class Engine:
                 finish = "stop"
         s.text += text
         s.out_ids.extend(new)
+        s.stats.completion_tokens += outcome.completion_tokens
         s.canvas_index += 1
         s.canvas = s.soft = s.tracker = None
-        if finish is None and len(s.out_ids) >= s.req.max_tokens:
-            finish = "length"
         if finish is None:
             s.tokens.extend(committed)
             s.phase = "commit"
         rng = None
         if finish is None:
             rng = fast_rng_state(s.seed) if self.runner is not None else bytes(s.gen.get_state().numpy().tobytes())
-        events: list[Event] = [CanvasEvent(s.req.request_id, new, text, s.canvas_index - 1, rng)]
+        events: list[Event] = [CanvasEvent(s.req.request_id, new, text, s.canvas_index - 1, rng,
+                                           outcome.completion_tokens)]
         if finish is not None:
             events.append(self._finish(s, finish))
         return events

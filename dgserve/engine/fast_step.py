@@ -175,12 +175,13 @@ def step_inputs(model: DiffusionGemma, layout: StepLayout, inp: torch.Tensor, st
         if layer_type == "full_attention":
             layouts[layer_type] = attn_layout(
                 rows, table=rows.full_table, base_block=torch.zeros_like(prefix), writes=rows.full_write,
-                canvas=c, block_size=layout.block_size, window=None, scratch_slot=scratch["full"], group=group)
+                canvas=c, block_size=layout.block_size, window=None, scratch_slot=scratch["full"], group=group,
+                dtype=model.dtype)
         else:
             layouts[layer_type] = attn_layout(
                 rows, table=rows.sliding_table, base_block=rows.sliding_base, writes=rows.sliding_write,
                 canvas=c, block_size=layout.block_size, window=cfg.sliding_window, scratch_slot=scratch["sliding"],
-                group=group)
+                group=group, dtype=model.dtype)
     positions = prefix[:, None] + torch.arange(c, device=inp.device)[None, :]
     batch = CanvasBatch(tokens=tokens, positions=positions, denoise=denoise, soft=soft, layouts=layouts)
     return StepInputs(batch, slot, denoise, fresh, canvas, previous, seed_lo, seed_hi, canvas_index, cur_step,

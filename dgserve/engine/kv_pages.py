@@ -162,7 +162,10 @@ def split_budget(config: ModelConfig, budget_bytes: int, block_size: int = 16,
         # A window of W - 1 cached positions plus one chunk or canvas, on any block alignment.
         per_seq = math.ceil((t.sliding_window - 1 + max(chunk, config.canvas_length)) / block_size) + 1
     wanted = max_seqs * per_seq
-    num_sliding = min(wanted, (budget_bytes // 2) // sliding_bytes) if sliding_bytes else 0
+    # the full space keeps room for every sequence's chunk and canvas (at most half the budget); the sliding
+    # space takes what max_seqs windows need out of the rest
+    full_floor = min(budget_bytes // 2, max_seqs * full_bytes * math.ceil((chunk + config.canvas_length) / block_size))
+    num_sliding = min(wanted, (budget_bytes - full_floor) // sliding_bytes) if sliding_bytes else 0
     num_full = (budget_bytes - num_sliding * sliding_bytes) // full_bytes
     if num_full < 1 or num_sliding < per_seq:
         need = max(2 * per_seq * sliding_bytes, per_seq * sliding_bytes + full_bytes)
@@ -171,8 +174,8 @@ def split_budget(config: ModelConfig, budget_bytes: int, block_size: int = 16,
             f"bytes ({per_seq} sliding blocks of {sliding_bytes} B for a window of {t.sliding_window} plus a "
             f"chunk of {chunk}, and full blocks of {full_bytes} B); raise the budget or lower max_chunk")
     if num_sliding < wanted:
-        log.warning("KV sliding space capped at half the budget: %d blocks hold the windows of %d "
-                    "sequences, not max_seqs=%d", num_sliding, num_sliding // per_seq, max_seqs)
+        log.warning("KV budget too small for max_seqs: %d sliding blocks hold the windows of %d sequences, not "
+                    "max_seqs=%d", num_sliding, num_sliding // per_seq, max_seqs)
     return BlockCount(num_full, num_sliding)
 
 
@@ -238,8 +241,9 @@ class KVPagePool:
         """Split ``budget_bytes`` between the two spaces.
 
         The sliding space gets enough blocks for ``max_seqs`` sequences each holding a window plus one
-        prefill chunk or canvas (``max_chunk`` defaults to the canvas length), capped at half the
-        budget; the full space gets the rest. Raises ValueError when the budget cannot hold one sequence.
+        prefill chunk or canvas (``max_chunk`` defaults to the canvas length), as long as the full space keeps
+        a chunk and a canvas for each of them (at most half the budget); the full space gets the rest.
+        Raises ValueError when the budget cannot hold one sequence.
         """
         split = split_budget(config, budget_bytes, block_size, dtype, max_seqs, max_chunk)
         return cls(config, split.full, split.sliding, block_size=block_size, dtype=dtype, device=device,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from dgserve.model.generation_config import SamplingParams
+from dgserve.model.generation_config import GREEDY_SEED, SamplingParams
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 __all__ = ["SamplingParams"]  # re-exported: requests carry it
@@ -22,6 +22,10 @@ class InvalidRequest(ValueError):
 
 class PromptTooLong(InvalidRequest):
     """The prompt, with its committed tokens and one canvas, cannot fit in the KV cache."""
+
+
+class MaxTokensTooLarge(InvalidRequest):
+    """The prompt fits, but not with max_tokens (in whole canvases): the request could not finish even alone."""
 
 
 class EngineOverloaded(RuntimeError):
@@ -46,12 +50,21 @@ class GenerationRequest:
     # canvas boundary, so that a seeded request continues the same random stream.
     committed_ids: list[int] = field(default_factory=list)
     rng_state: bytes | None = None
+    # max_tokens is the server's default, not the client's: an engine whose KV cache cannot hold prompt +
+    # max_tokens lowers it to what fits instead of refusing the request
+    fit_max_tokens: bool = False
+
+    def __post_init__(self) -> None:
+        if self.seed is None and self.sampling.greedy:
+            # greedy denoising still renoises with random tokens: a fixed seed makes it deterministic
+            self.seed = GREEDY_SEED
 
 
 @dataclass
 class RequestStats:
     prompt_tokens: int = 0
-    new_tokens: int = 0
+    new_tokens: int = 0  # ids generated (positions: pad ids included)
+    completion_tokens: int = 0  # of those, the ids that are text (pad ids excluded): what the API's usage reports
     canvases: int = 0
     denoise_steps: int = 0  # decoder forward passes over this request's canvases
     seconds: float = 0.0
@@ -69,7 +82,8 @@ class RequestStats:
 
     def as_dict(self) -> dict[str, float | int | None]:
         return {
-            "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens, "canvases": self.canvases,
+            "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+            "completion_tokens": self.completion_tokens, "canvases": self.canvases,
             "denoise_steps": self.denoise_steps, "tokens_per_forward": round(self.tokens_per_forward, 4),
             "seconds": round(self.seconds, 4), "tokens_per_second": round(self.tokens_per_second, 2),
             "time_to_first_canvas": None if self.time_to_first_canvas is None
@@ -87,6 +101,12 @@ class CanvasEvent:
     text: str  # text delta for these tokens
     canvas_index: int
     rng_state: bytes | None = None  # sampler RNG state after this canvas (for failover)
+    # of token_ids, those that are text (pad ids excluded; None: all of them): what the API's usage counts
+    completion_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.completion_tokens is None:
+            self.completion_tokens = len(self.token_ids)
 
 
 @dataclass

@@ -25,11 +25,13 @@ from dgserve.engine.kv_pages import BlockTable, KVPagePool
 from dgserve.model.diffusion_gemma import DiffusionGemma
 from dgserve.model.generation_config import SamplingParams
 from dgserve.model.layers import TransformerLayer
+from dgserve.model.moe import grouped_mm_supported
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MIN_CONTEXT_BLOCKS = 16
+MAX_CONTEXT_BUCKETS = 16  # powers of two from MIN_CONTEXT_BLOCKS: up to 2**19 positions at 16-token blocks
 
 
 @dataclass
@@ -84,13 +86,25 @@ class FastRunner:
         self.algorithm = EntropyBound()
         self.scratch = {"full": pool.scratch_slot("full"), "sliding": pool.scratch_slot("sliding")}
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not model.dispatcher.collective
+        experts = model.layers[0].experts
+        probe = torch.empty(0, model.config.text.hidden_size, dtype=model.dtype, device=self.device)
+        if self.cuda_graphs and not grouped_mm_supported(probe, experts):
+            log.warning("CUDA graphs off: the grouped expert kernel does not run %s on this device, and the "
+                        "per-expert fallback reads expert counts on the host", model.dtype)
+            self.cuda_graphs = False
         if compile and not model.dispatcher.collective:
+            # one graph per (layer type, row bucket, context bucket): more than dynamo's default of 8 per function
+            graphs = len(set(model.config.text.layer_types)) * len(self.row_buckets) * MAX_CONTEXT_BUCKETS
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
+            torch._dynamo.config.accumulated_recompile_limit = max(
+                torch._dynamo.config.accumulated_recompile_limit, graphs)
             model.compiled_layer_rows = torch.compile(TransformerLayer.forward_rows, fullgraph=True, dynamic=False,
                                                       backend=compile_backend)
         self._graphs: dict[tuple[int, int], _CapturedStep] = {}
         self.transfers_to_host = 0  # device-to-host copies (one per step)
         self.transfers_to_device = 0  # host-to-device copies (one per step)
         self.steps = 0
+        self.buckets_seen: set[tuple[int, int]] = set()  # (rows, full-context blocks) of the steps run
 
     # -- buckets ------------------------------------------------------------------------------------
     def row_bucket(self, n: int) -> int:
@@ -112,6 +126,7 @@ class FastRunner:
         assert rows, "a step needs at least one row"
         s = self.row_bucket(len(rows))
         layout = fs.StepLayout.build(self.model, self.block_size, self.context_bucket(rows))
+        self.buckets_seen.add((s, layout.full_blocks))
         host = self._pack(rows, s, layout)
         if self.cuda_graphs:
             out = self._graph(s, layout).replay(host)

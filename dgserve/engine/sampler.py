@@ -63,12 +63,13 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def vocab_pass(model: DiffusionGemma, hidden: torch.Tensor, temp: float, gen: torch.Generator,
-               chunk_rows: int, noise: torch.Tensor | None = None
+               chunk_rows: int, noise: torch.Tensor | None = None, greedy: bool = False
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """LM head + sampling + entropy + soft embeddings for one canvas, ``chunk_rows`` rows at a time.
 
     ``noise``: the ``[C, V]`` Exp(1) draws ``torch.multinomial`` would take from ``gen`` for this canvas,
     drawn ahead of time (``dgserve.engine.sampling_noise``); None: multinomial draws them now.
+    ``greedy``: the sample is the argmax and nothing is drawn from ``gen``.
     Returns (denoiser sample [C], argmax [C], entropy [C], soft embeddings [C, H]).
     """
     samples, argmaxes, entropies, softs = [], [], [], []
@@ -76,7 +77,9 @@ def vocab_pass(model: DiffusionGemma, hidden: torch.Tensor, temp: float, gen: to
         processed = model.logits(hidden[i:i + chunk_rows]) / temp  # [c, V] fp32
         probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
         sample_probs = probs if probs.device == gen.device else probs.to(gen.device)
-        if noise is not None:
+        if greedy:
+            sample = processed.argmax(dim=-1)
+        elif noise is not None:
             sample = sample_with_noise(sample_probs, noise[i:i + chunk_rows])
         else:
             sample = torch.multinomial(sample_probs, 1, generator=gen).squeeze(-1)
@@ -106,7 +109,7 @@ def denoise_step(model: DiffusionGemma, hidden: torch.Tensor, canvas: torch.Tens
                  noise: torch.Tensor | None = None) -> StepOutput:
     chunk_rows = chunk_rows or default_chunk_rows(model.config.text.vocab_size)
     sample, argmax, entropy, soft = vocab_pass(model, hidden, temperature(cur_step, params), gen, chunk_rows,
-                                               noise)
+                                               noise, params.greedy)
     new_canvas, accepted = accept_and_renoise(canvas, sample, entropy, params.entropy_bound,
                                               model.config.text.vocab_size, gen)
     return StepOutput(canvas=new_canvas, argmax=argmax, entropy=entropy, soft=soft, accepted=accepted)

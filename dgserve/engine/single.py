@@ -15,17 +15,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dgserve.engine.finish import canvas_outcome
 from dgserve.engine.request import RequestStats
-from dgserve.engine.sampler import StabilityTracker, denoise_step, first_eos, random_canvas
+from dgserve.engine.sampler import StabilityTracker, denoise_step, random_canvas
 from dgserve.model.diffusion_gemma import DiffusionGemma
-from dgserve.model.generation_config import SamplingParams
+from dgserve.model.generation_config import GREEDY_SEED, SamplingParams
 from dgserve.model.kv import ContiguousKV, Segment
 
 
 @dataclass
 class SingleResult:
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS) or "length"
+    finish_reason: str  # "stop" (EOS, or a canvas of pad ids only) or "length" (cut by max_tokens)
     stats: RequestStats
     step_logits: list[torch.Tensor] = field(default_factory=list)  # only when record_logits=True
 
@@ -45,6 +46,7 @@ def generate_single(
     seed: int | None = None,
     sampling: SamplingParams | None = None,
     eos_token_ids: tuple[int, ...] = (1,),
+    pad_token_id: int | None = None,
     ignore_eos: bool = False,
     chunk_rows: int | None = None,
     record_logits: bool = False,
@@ -53,6 +55,8 @@ def generate_single(
     if not prompt_ids:
         raise ValueError("the prompt must contain at least one token")
     sampling = sampling or SamplingParams()
+    if seed is None and sampling.greedy:
+        seed = GREEDY_SEED  # as GenerationRequest does: greedy output is deterministic
     cfg = model.config
     device = model.device
     vocab, canvas_len = cfg.text.vocab_size, cfg.canvas_length
@@ -88,17 +92,13 @@ def generate_single(
         stats.canvases += 1
         if stats.time_to_first_canvas is None:
             stats.time_to_first_canvas = time.perf_counter() - started
-        committed = argmax.tolist()
-        eos_at = None if ignore_eos else first_eos(committed, eos_token_ids)
-        new = committed if eos_at is None else committed[:eos_at]
-        new = new[: max_tokens - len(out)]
-        out.extend(new)
+        outcome = canvas_outcome(argmax.tolist(), max_tokens - len(out), eos_token_ids, pad_token_id, ignore_eos)
+        out.extend(outcome.token_ids)
+        stats.completion_tokens += outcome.completion_tokens
         if on_canvas is not None:
-            on_canvas(new)
-        if eos_at is not None:
-            finish = "stop"
-            break
-        if len(out) >= max_tokens:
+            on_canvas(outcome.token_ids)
+        if outcome.finish is not None:
+            finish = outcome.finish
             break
         model(argmax, [Segment("encode", 0, canvas_len, length)], kv)
         kv.trim()

@@ -38,7 +38,8 @@ class AttnLayout:
     """What one layer type's attention needs for a forward."""
 
     gather: torch.Tensor  # [S, P] slots of the cached prefix keys (masked positions point at scratch)
-    mask: torch.Tensor  # [S, 1, group * C, P + C] bool: query heads of one KV head folded into the rows
+    mask: torch.Tensor  # [S, 1, group * C, P + C] additive (0 or the dtype's lowest): query heads of one KV head
+    # folded into the rows; additive in the model's dtype, so attention does not convert a bool mask per layer
     write: torch.Tensor  # [S * C] slots for this forward's K/V (scratch for rows and tokens that keep none)
 
 
@@ -64,7 +65,8 @@ def write_blocks(canvas: int, block_size: int) -> int:
 
 
 def attn_layout(rows: RowDescriptors, *, table: torch.Tensor, base_block: torch.Tensor, writes: torch.Tensor,
-                canvas: int, block_size: int, window: int | None, scratch_slot: int, group: int) -> AttnLayout:
+                canvas: int, block_size: int, window: int | None, scratch_slot: int, group: int,
+                dtype: torch.dtype) -> AttnLayout:
     """The gather, mask and write slots of one page space (``window`` None: full attention)."""
     s, nb = table.shape
     device = table.device
@@ -87,7 +89,8 @@ def attn_layout(rows: RowDescriptors, *, table: torch.Tensor, base_block: torch.
     if window is not None:
         causal = causal & (j[None, None, :] > j[None, :, None] - window)
     self_mask = key_ok & (~encode | causal)  # [S, C, C]
-    mask = torch.cat([prefix_mask, self_mask], dim=-1)  # [S, C, P + C]
+    allowed = torch.cat([prefix_mask, self_mask], dim=-1)  # [S, C, P + C]
+    mask = torch.zeros((), dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
     mask = mask[:, None].expand(s, group, canvas, p + canvas).reshape(s, 1, group * canvas, p + canvas)
     # writes: token j of row s lands at position prefix_len + j
     wpos = q_pos  # [S, C]

@@ -4,7 +4,8 @@
 ``model.safetensors.index.json``), ``generation_config.json`` and the tokenizer files. The model is
 built on the meta device and each tensor is memory-mapped, checked, cast and copied into place, so
 a checkpoint never needs twice its size in memory. Only the text model is read. Presets build a
-deterministic random model instead.
+deterministic random model instead; Hugging Face model ids are resolved to their cached snapshot
+(``dgserve.model.hub``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from safetensors.torch import save_file
 from dgserve.model.config import PRESETS, ConfigError, ModelConfig
 from dgserve.model.diffusion_gemma import DiffusionGemma
 from dgserve.model.generation_config import SamplingParams
+from dgserve.model.hub import HubError, is_hub_id, snapshot
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +69,18 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def load(path_or_preset: str | Path, dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu",
-         expert_ids: list[int] | None = None, seed: int = 0) -> LoadedModel:
-    """Load a checkpoint directory or build a named preset (``tiny-random``, ``diffusiongemma-26b-a4b``...).
+         expert_ids: list[int] | None = None, seed: int = 0, revision: str | None = None) -> LoadedModel:
+    """Load a checkpoint directory or a Hugging Face model id (``revision``: its branch, tag or commit), or build a
+    named preset (``tiny-random``, ``diffusiongemma-26b-a4b``...).
 
     ``expert_ids``: load only these experts (an expert-parallel rank's share); default all.
     """
     dtype = resolve_dtype(dtype)
     device = torch.device(device)
-    name = resolve_shipped(str(path_or_preset))
+    name = resolve_source(path_or_preset, revision)
     if name in PRESETS and not Path(name).exists():
         return _load_preset(name, dtype, device, expert_ids, seed)
     path = Path(name)
-    if not path.is_dir():
-        raise CheckpointError(
-            f"{name}: not a checkpoint directory and not a preset (presets: {_preset_names()})")
     config = read_config(path)
     weights = _weight_files(path)
     model = _empty_model(config, dtype, device, expert_ids)
@@ -109,8 +109,34 @@ def resolve_shipped(name: str) -> str:
     return str(SHIPPED_CHECKPOINTS[name]) if name in SHIPPED_CHECKPOINTS and not Path(name).exists() else name
 
 
-def load_metadata(path_or_preset: str | Path) -> ModelMetadata:
+def resolve_source(path_or_preset: str | Path, revision: str | None = None, *, weights: bool = True) -> str:
+    """A preset name, or the local checkpoint directory of a path, a shipped preset or a Hugging Face model id
+    (downloaded into the Hub's cache if needed; ``weights=False``: its metadata files only)."""
     name = resolve_shipped(str(path_or_preset))
+    if (name in PRESETS and not Path(name).exists()) or Path(name).is_dir():
+        return name
+    if is_hub_id(name):
+        try:
+            return str(snapshot(name, revision, weights=weights))
+        except HubError as exc:
+            raise CheckpointError(str(exc)) from None
+    raise CheckpointError(f"{name}: not a checkpoint directory, not a preset (presets: {_preset_names()}) and not a "
+                          "Hugging Face model id (owner/name)")
+
+
+def check_model_name(name: str) -> None:
+    """Without reading or downloading anything: whether ``name`` can name a model somewhere (a preset, a local or
+    absolute checkpoint path, a Hugging Face model id); CheckpointError otherwise, e.g. for a mistyped preset."""
+    if name in PRESETS or name in SHIPPED_CHECKPOINTS or Path(name).is_absolute() or Path(name).exists() \
+            or is_hub_id(name):
+        return
+    raise CheckpointError(f"{name}: not a preset (presets: {_preset_names()}), not an existing directory and not a "
+                          "Hugging Face model id (owner/name); a directory that exists only on the cluster needs an "
+                          "absolute path")
+
+
+def load_metadata(path_or_preset: str | Path, revision: str | None = None) -> ModelMetadata:
+    name = resolve_source(path_or_preset, revision, weights=False)
     if name in PRESETS and not Path(name).exists():
         config = PRESETS[name]
         asset = ASSETS / name
@@ -118,9 +144,6 @@ def load_metadata(path_or_preset: str | Path) -> ModelMetadata:
                                                         pad_token_id=config.text.pad_token_id),
                              _maybe_tokenizer(asset) if asset.is_dir() else None, f"preset:{name}")
     path = Path(name)
-    if not path.is_dir():
-        raise CheckpointError(
-            f"{name}: not a checkpoint directory and not a preset (presets: {_preset_names()})")
     config = read_config(path)
     return ModelMetadata(config, read_generation_config(path, config), _maybe_tokenizer(path), str(path))
 

@@ -181,7 +181,7 @@ class DiffusionGemma(nn.Module):
         x = self.embed_tokens(batch.tokens) * self.embed_scale_value()  # [S, C, H]
         denoise = batch.denoise[:, None, None]  # [S, 1, 1]
         # self-conditioning on every row (zeros for rows without a previous step: exactly the plain embedding)
-        x = torch.where(denoise, self.self_conditioning(x, batch.soft), x)
+        x = torch.where(denoise, self.self_conditioning(x, batch.soft, fused=True), x)
         flat = batch.positions.reshape(-1)
         rope = {name: rope_cos_sin(flat, inv, x.dtype) for name, inv in self.inv_freq(x.device).items()}
         collective = self.dispatcher.collective
@@ -192,7 +192,7 @@ class DiffusionGemma(nn.Module):
             forward = self.compiled_layer_rows or TransformerLayer.forward_rows
             x = forward(layer, x, cos, sin, batch.layouts[kind], k_pages[i], v_pages[i], scalar, self.dispatcher,
                         i if collective else -1)
-        return self.norm(x)
+        return self.norm(x, fused=True)
 
     def embed_scale_value(self) -> float:
         """``embed_scale`` as a Python number (the same rounded value; no tensor built per call)."""
@@ -212,7 +212,8 @@ class DiffusionGemma(nn.Module):
     def soft_embeddings(self, probs: torch.Tensor) -> torch.Tensor:
         """Self-conditioning input: ``softmax(previous logits) @ E x sqrt(H)``, ``[n, V] fp32 -> [n, H]``."""
         w = self.embed_tokens.weight
-        return (probs.to(w.dtype) @ w) * self.embed_scale(w.dtype)
+        # the scale as a number, not a (CPU) tensor: the same product, and nothing to copy to the device
+        return (probs.to(w.dtype) @ w) * self.embed_scale_value()
 
 
 def _short_prompt(seg: Segment, limit: int) -> bool:

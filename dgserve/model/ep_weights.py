@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dgserve.model.checkpoint import LoadedModel, load, read_config, resolve_shipped
+from dgserve.model.checkpoint import LoadedModel, load, read_config, resolve_shipped, resolve_source
 from dgserve.model.config import PRESETS, ModelConfig
 from dgserve.model.diffusion_gemma import DiffusionGemma
 
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def source_config(path_or_preset: str | Path) -> ModelConfig:
-    name = resolve_shipped(str(path_or_preset))
+    name = resolve_source(path_or_preset, weights=False)
     if name in PRESETS and not Path(name).exists():
         return PRESETS[name]
     return read_config(Path(name))

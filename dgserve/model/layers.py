@@ -28,12 +28,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False) if with_scale else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        out = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        if self.weight is not None:
-            out = out * self.weight.float()
-        return out.type_as(x)
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """``fused`` (the fast path): one ``rms_norm`` in x's dtype, which in bf16 rounds once more than the
+        reference (after the normalisation, before the weight). Otherwise the reference's rounding: in fp32,
+        then cast (torch's rms_norm computes exactly ``x * pow(mean(x^2) + eps, -0.5) * weight`` in fp32, bit
+        for bit, as the parity tests check)."""
+        if fused or x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        weight = self.weight.float() if self.weight is not None else None
+        return F.rms_norm(x.float(), (x.shape[-1],), weight, self.eps).type_as(x)
 
 
 def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:
@@ -108,14 +111,14 @@ class Attention(nn.Module):
     def layer_type(self) -> str:
         return "sliding_attention" if self.sliding else "full_attention"
 
-    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x [T, H]`` -> q ``[T, heads, hd]``, k/v ``[T, kv_heads, hd]`` (normed, RoPE on q and k)."""
         t = x.shape[0]
-        q = apply_rope(self.q_norm(self.q_proj(x).view(t, self.num_heads, self.head_dim)), cos, sin)
+        q = apply_rope(self.q_norm(self.q_proj(x).view(t, self.num_heads, self.head_dim), fused), cos, sin)
         k_raw = self.k_proj(x).view(t, self.kv_heads, self.head_dim)
         v_raw = self.v_proj(x).view(t, self.kv_heads, self.head_dim) if self.v_proj is not None else k_raw
-        return q, apply_rope(self.k_norm(k_raw), cos, sin), self.v_norm(v_raw)
+        return q, apply_rope(self.k_norm(k_raw, fused), cos, sin), self.v_norm(v_raw, fused)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         t = x.shape[0]
@@ -161,7 +164,7 @@ class Attention(nn.Module):
         slots through the gather (its positions lie at or past its prefix length)."""
         s, c, _ = x.shape
         hd, kvh, group = self.head_dim, self.kv_heads, self.num_heads // self.kv_heads
-        q, k, v = self.project(x.reshape(s * c, -1), cos, sin)  # [S*C, heads | kv_heads, hd]
+        q, k, v = self.project(x.reshape(s * c, -1), cos, sin, fused=True)  # [S*C, heads | kv_heads, hd]
         k_pages.index_copy_(0, layout.write, k.to(k_pages.dtype))
         v_pages.index_copy_(0, layout.write, v.to(v_pages.dtype))
         p = layout.gather.shape[1]
@@ -203,8 +206,8 @@ class Router(nn.Module):
         self.scale = nn.Parameter(torch.ones(cfg.hidden_size), requires_grad=False)
         self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scores = self.proj(self.norm(x) * self.scale * self.root_size)  # [T, E]
+    def forward(self, x: torch.Tensor, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.proj(self.norm(x, fused) * self.scale * self.root_size)  # [T, E]
         probs = F.softmax(scores, dim=-1, dtype=torch.float32)
         weights, index = torch.topk(probs, k=self.top_k, dim=-1)  # [T, K]
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -241,13 +244,13 @@ class TransformerLayer(nn.Module):
         return self.feed_forward(x, ctx.dispatcher, [seg.length for seg in ctx.segments], self.layer) * scalar
 
     def feed_forward(self, x: torch.Tensor, dispatcher: MoEDispatcher, segment_lengths: list[int] | None,
-                     layer: int) -> torch.Tensor:
+                     layer: int, fused: bool = False) -> torch.Tensor:
         """``x + post_norm(dense MLP + MoE)`` over ``[T, H]`` tokens (both execution modes)."""
-        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x)))
-        weights, index = self.router(x)
-        moe = run_moe(dispatcher, layer, self.pre_feedforward_layernorm_2(x), index, weights, self.experts,
+        dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(x, fused)), fused)
+        weights, index = self.router(x, fused)
+        moe = run_moe(dispatcher, layer, self.pre_feedforward_layernorm_2(x, fused), index, weights, self.experts,
                       segment_lengths)
-        return x + self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(moe))
+        return x + self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(moe, fused), fused)
 
     def forward_rows(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: AttnLayout,
                      k_pages: torch.Tensor, v_pages: torch.Tensor, scalar: torch.Tensor,
@@ -257,8 +260,8 @@ class TransformerLayer(nn.Module):
         statistics), so one compiled graph serves every layer of a type."""
         s, c, h = x.shape
         x = x + self.post_attention_layernorm(
-            self.self_attn.forward_rows(self.input_layernorm(x), cos, sin, layout, k_pages, v_pages))
-        return self.feed_forward(x.view(s * c, h), dispatcher, None, layer).view(s, c, h) * scalar
+            self.self_attn.forward_rows(self.input_layernorm(x, True), cos, sin, layout, k_pages, v_pages), True)
+        return self.feed_forward(x.view(s * c, h), dispatcher, None, layer, fused=True).view(s, c, h) * scalar
 
 
 class SelfConditioning(nn.Module):
@@ -273,9 +276,9 @@ class SelfConditioning(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, embeds: torch.Tensor, soft: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, soft: torch.Tensor | None, fused: bool = False) -> torch.Tensor:
         if soft is not None:
-            n = self.pre_norm(soft)
+            n = self.pre_norm(soft, fused)
             embeds = embeds + self.down_proj(F.gelu(self.gate_proj(n), approximate="tanh") * self.up_proj(n))
         # soft is None: the MLP of a zero signal is exactly zero (no biases), so it is skipped
-        return self.post_norm(embeds)
+        return self.post_norm(embeds, fused)

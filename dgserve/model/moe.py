@@ -80,6 +80,24 @@ def grouped_mm_supported(x: torch.Tensor, experts: ExpertWeights) -> bool:
     return x.shape[-1] % align == 0 and inter % align == 0
 
 
+@torch.library.custom_op("dgserve::grouped_mm_f32", mutates_args=())
+def _grouped_mm_f32(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``F.grouped_mm`` for fp32 on CPU, as an opaque op: torch's shape function for ``grouped_mm`` insists on
+    bf16 (the CUDA kernel's rule), so ``torch.compile`` could not trace the CPU kernel's fp32 calls otherwise."""
+    return F.grouped_mm(x, w, offs=offs)
+
+
+@_grouped_mm_f32.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return _grouped_mm_f32(x, w, offs)
+    return F.grouped_mm(x, w, offs=offs)
+
+
 def grouped_expert_mlp(sorted_x: torch.Tensor, counts: torch.Tensor, experts: ExpertWeights) -> torch.Tensor:
     """Expert MLPs over rows already grouped by local expert (``counts[e]`` rows each): one grouped
     matmul per projection, offsets on the device (no host sync), where supported; else one matmul per
@@ -88,9 +106,9 @@ def grouped_expert_mlp(sorted_x: torch.Tensor, counts: torch.Tensor, experts: Ex
         return sorted_x.new_empty(0, sorted_x.shape[1])
     if grouped_mm_supported(sorted_x, experts):
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        gate_up = F.grouped_mm(sorted_x, experts.gate_up_proj.transpose(-2, -1), offs=offs)
+        gate_up = _grouped_mm(sorted_x, experts.gate_up_proj.transpose(-2, -1), offs)
         gate, up = gate_up.chunk(2, dim=-1)
-        return F.grouped_mm(F.gelu(gate, approximate="tanh") * up, experts.down_proj.transpose(-2, -1), offs=offs)
+        return _grouped_mm(F.gelu(gate, approximate="tanh") * up, experts.down_proj.transpose(-2, -1), offs)
     return expert_runs(sorted_x, [(local, int(n)) for local, n in enumerate(counts.tolist())], experts)
 
 

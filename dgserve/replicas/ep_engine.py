@@ -105,7 +105,7 @@ class LockstepBarrier:
 
 def build_ep_engine(model: str | Path, group: EPGroup, placement: ExpertPlacement | None = None, *,
                     dtype: str | torch.dtype = torch.float32, engine_config: EngineConfig | None = None,
-                    seed: int = 0, idle_poll_s: float = 0.01, stats_sync_every: int = 16, timing: bool = True,
+                    seed: int = 0, idle_poll_s: float = 0.01, stats_sync_every: int = 16, timing: bool = False,
                     owns_group: bool = False,
                     on_stats_sync: Callable[[EPGroupStats], None] | None = None) -> AsyncEngine:
     """This rank's model share (dense + owned experts) + EP dispatcher + an engine loop with a lockstep barrier.

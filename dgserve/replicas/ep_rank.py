@@ -27,6 +27,7 @@ from dgserve.cluster.gang import current_gang
 from dgserve.config import ReplicaSlice
 from dgserve.engine.loop import AsyncEngine
 from dgserve.engine.request import Event, FinalEvent, GenerationRequest
+from dgserve.model.checkpoint import resolve_source
 from dgserve.model.ep_dispatch import EPGroupStats
 from dgserve.model.ep_weights import source_config
 from dgserve.model.placement import ExpertPlacement
@@ -82,11 +83,12 @@ class EPModelReplica(ModelReplica):
         self.rank, self.world_size, self.gang_id = gang.rank, gang.world_size, gang.gang_id
         self.group_name = serve.get_replica_context().app_name  # one key space per application
         device = "cuda:0" if cfg.model.device != "cpu" and torch.cuda.is_available() else "cpu"  # Ray shows one GPU
+        path = resolve_source(cfg.model.path, cfg.model.revision)  # a Hugging Face model id: its local snapshot
         payload = None
         if gang.rank == 0:
             counts = rendezvous.kv_get(expert_counts_key(self.group_name)) if cfg.ep_placement == "load_aware" \
                 else None
-            chosen = choose_placement(source_config(cfg.model.path).text.num_experts, gang.world_size,
+            chosen = choose_placement(source_config(path).text.num_experts, gang.world_size,
                                       cfg.ep_placement, (counts or {}).get("counts"), cfg.ep_num_redundant)
             payload = {"placement": chosen.to_json(), "placement_counts": (counts or {}).get("counts")}
         key = rendezvous.rendezvous_key(gang.gang_id, list(gang.member_replica_ids))
@@ -95,7 +97,7 @@ class EPModelReplica(ModelReplica):
                                                rendezvous_timeout_s=RENDEZVOUS_TIMEOUT_S, payload=payload)
         self.placement = ExpertPlacement.from_json(payload["placement"])
         self.placement_counts: list[float] | None = payload.get("placement_counts")  # what load_aware used
-        loop = build_ep_engine(cfg.model.path, group, self.placement, dtype=cfg.model.dtype,
+        loop = build_ep_engine(path, group, self.placement, dtype=cfg.model.dtype,
                                engine_config=cfg.engine, owns_group=True,
                                on_stats_sync=self._publish_counts if gang.rank == 0 else None)
         self.startup_seconds = time.monotonic() - started

@@ -21,8 +21,9 @@ from dgserve.config import ReplicaSlice
 from dgserve.engine.engine import Engine
 from dgserve.engine.loop import AsyncEngine
 from dgserve.engine.prefix_keys import affinity_key
-from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest
+from dgserve.engine.request import CanvasEvent, EngineOverloaded, Event, FinalEvent, GenerationRequest
 from dgserve.model.checkpoint import load
+from dgserve.replicas.admission import QueueBound
 from dgserve.replicas.capacity import CapacityEstimator
 
 log = logging.getLogger(__name__)
@@ -47,12 +48,18 @@ class ModelReplica:
         self.engine = self.loop.engine
         self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.capacity = CapacityEstimator(config.capacity_prior_tokens_per_s, max_canvases=config.engine.max_running)
+        # with engine.max_waiting unset, the replica bounds its queue itself (a set max_waiting is the engine's)
+        self.admission = QueueBound(self.capacity, max_running=config.engine.max_running,
+                                    request_timeout_s=config.request_timeout_s,
+                                    max_ongoing_requests=config.max_ongoing_requests,
+                                    tokens_prior=self.engine.canvas) if config.engine.max_waiting is None else None
         self.metrics = _maybe_metrics(config.model.model_id)
         log.info("replica ready: %s in %.1fs", config.model.path, time.perf_counter() - started)
 
     def _start_engine(self) -> AsyncEngine:
         device = resolve_device(self.config.model.device)
-        loaded = load(self.config.model.path, dtype=self.config.model.dtype, device=device)
+        loaded = load(self.config.model.path, dtype=self.config.model.dtype, device=device,
+                      revision=self.config.model.revision)
         return AsyncEngine(Engine(loaded.model, loaded.generation, loaded.tokenizer, self.config.engine))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
@@ -64,12 +71,24 @@ class ModelReplica:
             self._recent.move_to_end(key)
             while len(self._recent) > RECENT_PREFIXES:
                 self._recent.popitem(last=False)
-        async for ev in self.loop.generate(request):
-            if isinstance(ev, CanvasEvent):
-                self.capacity.add_tokens(len(ev.token_ids))
-            elif isinstance(ev, FinalEvent) and self.metrics is not None:
-                self.metrics.on_final(ev)
-            yield ev
+        admission = self.admission
+        if admission is not None and not admission.try_admit():
+            raise EngineOverloaded(message=f"the replica's queue is full ({admission.in_flight} requests in flight, "
+                                   f"what it serves within its wait budget); retry in about "
+                                   f"{admission.retry_after_s():.1f} s")
+        generated = None
+        try:
+            async for ev in self.loop.generate(request):
+                if isinstance(ev, CanvasEvent):
+                    self.capacity.add_tokens(len(ev.token_ids))
+                elif isinstance(ev, FinalEvent):
+                    generated = ev.stats.new_tokens
+                    if self.metrics is not None:
+                        self.metrics.on_final(ev)
+                yield ev
+        finally:
+            if admission is not None:
+                admission.release(generated)
 
     def record_routing_stats(self) -> dict:
         """Load report for the CanvasRouter (Serve calls it every ROUTING_STATS_PERIOD_S); also refreshes the

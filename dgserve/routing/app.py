@@ -9,6 +9,8 @@ import logging
 from typing import Any
 
 from ray import serve
+from ray.exceptions import TaskCancelledError
+from ray.serve.exceptions import RequestCancelledError
 
 from dgserve.cluster.gang import gang_scheduling_config
 from dgserve.config import DeployConfig, IngressSlice
@@ -38,7 +40,7 @@ class Ingress:
 
     def __init__(self, replica_handle, config: IngressSlice) -> None:
         self.config = config
-        self.metadata = load_metadata(self.config.model.path)
+        self.metadata = load_metadata(self.config.model.path, self.config.model.revision)
         self.metrics = ReplicaMetrics(self.config.model.model_id)
         self.backend = EngineChatBackend.over_serve(replica_handle, self.metadata, config,
                                                     on_failover=self.metrics.on_failover)
@@ -48,7 +50,8 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         keys = self.keys
-        app = build_fastapi_app(self.backend, self.config.ingress, authorize=keys.authorize if keys else None)
+        app = build_fastapi_app(self.backend, self.config.ingress, authorize=keys.authorize if keys else None,
+                                disconnect_errors=(TaskCancelledError, RequestCancelledError))
         metrics = self.metrics
 
         @app.middleware("http")

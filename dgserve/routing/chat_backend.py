@@ -111,7 +111,7 @@ class EngineChatBackend:
                 except InvalidRequest as exc:
                     if started:
                         raise
-                    raise InvalidPromptError(str(exc)) from exc
+                    raise InvalidPromptError.from_engine(exc) from exc
                 if isinstance(event, FinalEvent) and event.overloaded and not started:
                     # the queue filled between the admission check and the worker thread's add_request
                     raise OverloadedError(self._retry_after_s)

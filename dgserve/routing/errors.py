@@ -31,6 +31,8 @@ class OpenAIHTTPError(Exception):
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  kind: str | None = None, headers: dict[str, str] | None = None) -> None:
+        # a message may quote client input: make it encodable (a lone surrogate would fail the JSON encoder)
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status = status
         self.headers = headers
@@ -72,6 +74,11 @@ def describe_validation_errors(errors: list[dict]) -> tuple[str, str | None]:
     return text or "invalid request", param
 
 
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
 def _is_field(part: object) -> bool:
     """Whether a pydantic error-location part names a field or index (not a union member like ``str``)."""
     return isinstance(part, int) or (bool(_FIELD.match(str(part))) and part not in _UNION_TAGS)
@@ -83,13 +90,24 @@ def install_error_handlers(app: FastAPI) -> None:
         return exc.response()
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = describe_validation_errors(list(exc.errors()))
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        if any(tuple(e.get("loc", ())) == ("body",) and isinstance(e.get("input"), bytes) for e in errors):
+            # FastAPI parses the body as JSON only for a JSON Content-Type; otherwise validation sees raw bytes
+            content_type = request.headers.get("content-type")
+            got = f"this request's Content-Type is {content_type!r}" if content_type else "this request has none"
+            return error_response(400, f"The request body must be JSON sent with Content-Type: application/json "
+                                  f"({got}).", code="invalid_content_type")
+        message, param = describe_validation_errors(errors)
         return error_response(400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "request_too_large" if exc.status_code == 413 else None
+        cause = exc.__cause__
+        if isinstance(cause, UnicodeDecodeError):  # FastAPI's "There was an error parsing the body"
+            return error_response(400, f"The request body is not valid UTF-8 (byte 0x{cause.object[cause.start]:02x} "
+                                  f"at offset {cause.start}); send JSON encoded as UTF-8.", code="invalid_encoding")
         return error_response(exc.status_code, str(exc.detail), code=code, headers=exc.headers)
 
     @app.exception_handler(Exception)

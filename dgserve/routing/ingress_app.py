@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dgserve.config import IngressSettings
 from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest, SamplingParams
+from dgserve.routing.disconnects import QuietDisconnects
 from dgserve.routing.errors import OpenAIHTTPError, describe_validation_errors, error_response, install_error_handlers
 from dgserve.routing.limits import InFlightLimitMiddleware
 from dgserve.routing.openai_protocol import (
@@ -143,8 +144,10 @@ class BodySizeLimitMiddleware:
 
 
 def build_fastapi_app(backend: ChatBackend, settings: IngressSettings | None = None, *,
-                      authorize: Authorizer | None = None) -> FastAPI:
-    """The OpenAI-compatible app over ``backend``; ``authorize`` (optional) checks Bearer API keys on /v1."""
+                      authorize: Authorizer | None = None,
+                      disconnect_errors: tuple[type[BaseException], ...] = ()) -> FastAPI:
+    """The OpenAI-compatible app over ``backend``; ``authorize`` (optional) checks Bearer API keys on /v1;
+    ``disconnect_errors``: what else, besides Starlette's and anyio's, a client disconnect raises in the host."""
     settings = settings or IngressSettings()
     routes = _OpenAIRoutes(backend, settings)
     app = FastAPI(title="dgserve", version="0.1.0", description=_API_DESCRIPTION)
@@ -155,6 +158,7 @@ def build_fastapi_app(backend: ChatBackend, settings: IngressSettings | None = N
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.max_concurrent_requests is not None:
         app.add_middleware(InFlightLimitMiddleware, max_in_flight=settings.max_concurrent_requests)
+    app.add_middleware(QuietDisconnects, extra=disconnect_errors)
     v1 = {"dependencies": [Depends(_bearer_check(authorize))] if authorize else [],
           "responses": {**_ERROR_DOCS, 401: {"model": ErrorResponse, "description": "Missing or bad API key."}}
           if authorize else _ERROR_DOCS}
@@ -237,7 +241,7 @@ class _OpenAIRoutes:
             prompt_ids=prompt_ids, max_tokens=self._max_tokens(body, len(prompt_ids), prompt_param),
             seed=body.seed, sampling=self._sampling(body), stop=body.stop_strings, ignore_eos=body.ignore_eos,
             draft_every=(body.draft_every or self.settings.default_draft_every) if body.stream_drafts else 0,
-            request_id=reply.id)
+            request_id=reply.id, fit_max_tokens=body.requested_max_tokens is None)
         usage = partial(_usage, len(prompt_ids))
         events = self.backend.generate(generation)
 
@@ -284,8 +288,10 @@ class _OpenAIRoutes:
 
     def _sampling(self, body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
         base = self.backend.sampling_defaults
-        update = {k: v for k in _SAMPLER_FIELDS if (v := getattr(body, k)) is not None}
-        if body.temperature is not None:  # temperature scales the checkpoint's t_max -> t_min schedule
+        update: dict[str, Any] = {k: v for k in _SAMPLER_FIELDS if (v := getattr(body, k)) is not None}
+        if body.temperature == 0:  # greedy denoising; acceptance keeps the checkpoint's schedule
+            update["greedy"] = True
+        elif body.temperature is not None:  # temperature scales the checkpoint's t_max -> t_min schedule
             update |= {"t_max": base.t_max * body.temperature, "t_min": base.t_min * body.temperature}
         if not update and isinstance(base, SamplingParams):
             return base
@@ -343,7 +349,7 @@ async def _collect(events: AsyncIterator[Event]) -> tuple[str, int, FinalEvent]:
     while not isinstance(event := await _next_event(events, None), FinalEvent):
         if isinstance(event, CanvasEvent):  # drafts are for streams only
             parts.append(event.text)
-            n_tokens += len(event.token_ids)
+            n_tokens += event.completion_tokens or 0
     return "".join(parts), n_tokens, event
 
 
@@ -359,7 +365,7 @@ async def _sse(reply: Reply, first: Event, events: AsyncIterator[Event], deadlin
         while not isinstance(event, FinalEvent):
             if isinstance(event, CanvasEvent):
                 canvases += 1
-                n_tokens += len(event.token_ids)
+                n_tokens += event.completion_tokens or 0
                 if event.text:
                     yield reply.content(event.text)
             elif drafts:
@@ -432,7 +438,7 @@ async def _client_gone(_: Request, __: ClientDisconnected) -> Response:
 
 async def _invalid_prompt(_: Request, exc: InvalidPromptError) -> JSONResponse:
     # raised by the backend when the engine refuses the prompt (e.g. larger than the KV cache), before any output
-    return error_response(400, str(exc) or "The prompt cannot be served.", code="invalid_prompt")
+    return error_response(400, str(exc) or "The prompt cannot be served.", param=exc.param, code=exc.code)
 
 
 async def _overloaded(_: Request, exc: OverloadedError) -> JSONResponse:

@@ -41,6 +41,19 @@ def _unsupported(feature: str) -> AfterValidator:
     return _require(lambda v: not v, f"{feature} is not supported by dgserve; leave it unset")
 
 
+def _unicode_text(value: str) -> str:
+    # JSON can carry "\ud800", a lone UTF-16 surrogate: a Python str, but not Unicode text a tokenizer can take
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains a lone UTF-16 surrogate (\\u{ord(value[exc.start]):04x} at character "
+                         f"{exc.start}), which is not valid Unicode text") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode_text)]
+
+
 # --------------------------------------------------------------------------------------------- requests
 
 
@@ -58,19 +71,17 @@ class _GenerationFields(BaseModel):
 
     model_config = _STRICT
 
-    model: str = Field(description="The served model id (see GET /v1/models); any other id is a 404.")
+    model: Text = Field(description="The served model id (see GET /v1/models); any other id is a 404.")
     max_tokens: int | None = Field(
         None, ge=1, description="Most tokens to generate. Default: the server's default_max_tokens, or what "
         "is left of the context window. prompt + max_tokens over the context window is a 400.")
-    temperature: Annotated[
-        float | None,
-        _require(lambda v: v is None or v > 0, "temperature=0 (greedy decoding) is not supported: the "
-                 "diffusion sampler always samples; pass `seed` for reproducible output"),
-    ] = Field(None, ge=0.0, le=2.0, description=(
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description=(
         "Scales the diffusion sampler's temperature schedule: each denoising step samples at a temperature "
         "annealed from `t_max` down to `t_min` (checkpoint defaults 0.8 -> 0.4); `temperature` multiplies both "
-        "ends, so 1.0 (the default) is the checkpoint's schedule and 0.5 halves it. Must be > 0, and cannot "
-        "be combined with explicit `t_max`/`t_min`."))
+        "ends, so 1.0 (the default) is the checkpoint's schedule and 0.5 halves it. 0 is greedy denoising: "
+        "every step takes the argmax instead of a sample (positions are still accepted by the entropy bound "
+        "at the checkpoint's schedule, and the rest renoised with random tokens drawn from `seed`, 0 when "
+        "unset), so the output is deterministic. Cannot be combined with explicit `t_max`/`t_min`."))
     top_p: Annotated[
         float | None,
         _require(lambda v: v is None or v == 1.0, "top_p < 1 is not supported: the entropy-bound sampler "
@@ -82,7 +93,7 @@ class _GenerationFields(BaseModel):
     stream: bool = Field(False, description="Stream Server-Sent Events (see the text/event-stream response).")
     stream_options: StreamOptions | None = Field(None, description="Only allowed with `stream: true`.")
     stop: Annotated[
-        str | Annotated[list[str], Field(max_length=16)] | None,
+        Text | Annotated[list[Text], Field(max_length=16)] | None,
         _require(lambda v: v is None or all(v if isinstance(v, list) else [v]), "stop strings must not be empty"),
     ] = Field(None, description="Up to 16 stop strings; the text is cut before the first one.")
     seed: int | None = Field(
@@ -177,7 +188,7 @@ def _one_prompt(v: str | list[str] | list[int]) -> str | list[str] | list[int]:
 class CompletionRequest(_GenerationFields):
     """POST /v1/completions."""
 
-    prompt: Annotated[str | list[str] | list[Annotated[int, Field(ge=0)]], AfterValidator(_one_prompt)] = Field(
+    prompt: Annotated[Text | list[Text] | list[Annotated[int, Field(ge=0)]], AfterValidator(_one_prompt)] = Field(
         description="A string, a list holding one string, or a list of token ids.")
     echo: Annotated[bool | None, _unsupported("echo")] = Field(None, description="Only false is accepted.")
     suffix: Annotated[str | None, _unsupported("suffix (insertion)")] = Field(None, description="Not supported.")
@@ -211,7 +222,7 @@ class TextPart(BaseModel):
     model_config = _STRICT
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
@@ -219,7 +230,7 @@ class ChatMessage(BaseModel):
 
     role: Annotated[Literal["system", "developer", "user", "assistant"], BeforeValidator(_no_tool_roles)] = Field(
         description="`developer` is treated as `system`.")
-    content: str | list[Annotated[TextPart, BeforeValidator(_text_parts_only)]] = Field(
+    content: Text | list[Annotated[TextPart, BeforeValidator(_text_parts_only)]] = Field(
         description="A string or a list of text parts (joined with newlines). Image, audio and file parts are "
         "a 400.")
     name: str | None = Field(None, description=IGNORED)
@@ -288,7 +299,8 @@ class PromptTokensDetails(BaseModel):
 
 class Usage(BaseModel):
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int = Field(description="Generated tokens returned as text: up to EOS and at most "
+                                   "max_tokens; pad ids the model generated are not counted.")
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
 

@@ -4,13 +4,30 @@ from __future__ import annotations
 
 from typing import Any
 
+from dgserve.engine.request import InvalidRequest, MaxTokensTooLarge, PromptTooLong
 from dgserve.model.config import ModelConfig
 from dgserve.model.tokenizer import TokenizerError, check_no_image_tokens
 
 
 class InvalidPromptError(ValueError):
     """A prompt the model side refuses (token ids out of range, image placeholders, a conversation the chat
-    template rejects, a prompt too long for the KV cache): the ingress answers it with a 400."""
+    template rejects, prompt + max_tokens too large for the KV cache): the ingress answers it with a 400 that
+    names the request field at fault when there is one."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_prompt") -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+    @classmethod
+    def from_engine(cls, exc: InvalidRequest) -> InvalidPromptError:
+        """The engine's refusal of a request (``Engine.check_request``) as a 400."""
+        if isinstance(exc, MaxTokensTooLarge):
+            return cls(f"The request does not fit this server's KV cache: {exc}.", "max_tokens",
+                       "context_length_exceeded")
+        if isinstance(exc, PromptTooLong):
+            return cls(f"The prompt does not fit this server's KV cache: {exc}.", code="context_length_exceeded")
+        return cls(str(exc))
 
 
 class PromptEncoder:

@@ -53,6 +53,7 @@ class ServeEngineClient:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         committed: list[int] = list(request.committed_ids)
+        completion_tokens = 0  # of the ids committed in this call, those that are text (see CanvasEvent)
         rng_state = request.rng_state
         failovers = 0
         while True:
@@ -66,11 +67,13 @@ class ServeEngineClient:
                             # the replica's side failed (its expert-parallel group broke): not this request's fault
                             raise _RetryableFailure(ev.error or "replica failed")
                         ev.stats.new_tokens = len(committed) - len(request.committed_ids)
+                        ev.stats.completion_tokens = completion_tokens
                         ev.stats.prompt_tokens = len(request.prompt_ids)
                         yield ev
                         return
                     if isinstance(ev, CanvasEvent):
                         committed.extend(ev.token_ids)
+                        completion_tokens += ev.completion_tokens or 0
                         rng_state = ev.rng_state
                     yield ev
                 # a stream that ends without a final event: the replica went away mid-stream

@@ -6,7 +6,7 @@ function that `dgserve build` uses (dgserve.routing.app.deployment_options); tes
 {{- define "dgserve.serveConfig" -}}
 {{- $cfg := deepCopy .Values.dgserve -}}
 {{- /* Helm drops null values of values.yaml; DeployConfig's optional fields are null, not missing. */ -}}
-{{- $optional := dict "model" (list "served_name") "engine" (list "kv_cache_memory" "compile" "cuda_graphs") "replicas" (list "autoscaling") "ingress" (list "request_timeout_s" "default_max_tokens" "max_tokens_limit" "max_prompt_tokens" "max_concurrent_requests") "auth" (list "api_keys_file" "api_keys_env") -}}
+{{- $optional := dict "model" (list "revision" "served_name") "engine" (list "kv_cache_memory" "max_waiting" "compile" "cuda_graphs") "replicas" (list "autoscaling") "ingress" (list "request_timeout_s" "default_max_tokens" "max_tokens_limit" "max_prompt_tokens" "max_concurrent_requests") "auth" (list "api_keys_file" "api_keys_env") -}}
 {{- range $section, $keys := $optional -}}
 {{- $block := index $cfg $section -}}
 {{- range $keys -}}

@@ -1,0 +1,222 @@
+"""The fast path's measurements for the GPU suite (``bench/gpu_suite.py`` calls them; each returns a dict).
+
+- ``sync_debug``: one steady-state fast step under ``torch.cuda.set_sync_debug_mode("error")``;
+- ``forward_modes``: the fast step (forward + sampler + state update) eager, with compiled layers, and replayed
+  from a CUDA graph, at 1 / 8 / 64 canvases, with the agreement of each with eager; the forward alone, eager;
+- ``sampler``: the exact sampler's 16-row chunks vs the fast path's per-canvas pass, per canvas;
+- ``kernels``: CUDA kernels per fast forward (profiler), eager;
+- ``engine_batch1``: one request, 16 steps per canvas: end-to-end tokens/s and steady state (canvas / time
+  between committed canvases);
+- ``engine_concurrent``: N requests arriving together, one canvas each: aggregate tokens/s.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from dgserve.engine import fast_step as fs
+from dgserve.engine.engine import Engine, EngineConfig
+from dgserve.engine.kv_pages import KVPagePool
+from dgserve.engine.request import CanvasEvent, FinalEvent, GenerationRequest
+from dgserve.engine.runner import FastRunner, Row
+from dgserve.engine.sampler import vocab_pass
+from dgserve.model.checkpoint import GenerationDefaults
+from dgserve.model.diffusion_gemma import DiffusionGemma
+from dgserve.model.generation_config import SamplingParams
+
+PREFIX = 32
+
+
+def fixed_steps(steps: int) -> SamplingParams:
+    return SamplingParams(max_denoising_steps=steps, stability_threshold=None, confidence_threshold=None)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _pool(model: DiffusionGemma, rows: int) -> KVPagePool:
+    cfg = model.config
+    blocks = rows * (-(-(PREFIX + 2 * cfg.canvas_length) // 16) + 2) + 16
+    sliding = rows * (-(-(cfg.text.sliding_window + 2 * cfg.canvas_length) // 16) + 2) + 16
+    return KVPagePool(cfg, blocks, sliding, block_size=16, dtype=model.dtype, device=model.device,
+                      scratch_tokens=cfg.canvas_length)
+
+
+def _rows(runner: FastRunner, pool: KVPagePool, n: int) -> list[Row]:
+    """``n`` canvases at their first step, each over a prompt of ``PREFIX`` tokens prefilled (one fast step)."""
+    vocab = runner.model.config.text.vocab_size
+    tables = []
+    for _ in range(n):
+        table = pool.new_table()
+        assert pool.ensure_capacity(table, PREFIX + runner.canvas)
+        tables.append(table)
+    prompt = torch.randint(3, vocab, (PREFIX,), generator=torch.Generator().manual_seed(1)).tolist()
+    runner.run([Row(fs.PREFILL, i, 0, t, PREFIX, prompt) for i, t in enumerate(tables)])
+    for t in tables:
+        t.mark_written(PREFIX)
+    return [Row(fs.DENOISE, i, PREFIX, t, runner.canvas, fresh=True, cur_step=16, sampling=fixed_steps(16), seed=i)
+            for i, t in enumerate(tables)]
+
+
+def _input(runner: FastRunner, rows: list[Row]) -> tuple[fs.StepLayout, torch.Tensor]:
+    layout = fs.StepLayout.build(runner.model, runner.block_size, runner.context_bucket(rows))
+    return layout, torch.from_numpy(runner._pack(rows, runner.row_bucket(len(rows)), layout)).to(runner.device)
+
+
+def _median_ms(fn, reps: int, device: torch.device) -> float:
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return round(1000 * statistics.median(times), 3)
+
+
+def sync_debug(model: DiffusionGemma) -> dict[str, Any]:
+    pool = _pool(model, 4)
+    runner = FastRunner(model, pool, num_slots=8)
+    rows = _rows(runner, pool, 4)
+    runner.run(rows)  # warm-up (first-use copies, allocator)
+    layout, inp = _input(runner, rows)
+    _sync(model.device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.inference_mode():
+            fs.fast_step(model, runner.algorithm, layout, inp, runner.state, pool.k_flat, pool.v_flat, runner.scratch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return {"sync_free": True, "rows": 4}
+
+
+def forward_modes(model: DiffusionGemma, canvases: int, reps: int, compile: bool) -> dict[str, Any]:
+    """Eager / compiled / graphed fast steps over ``canvases`` rows with the same inputs and state."""
+    device = model.device
+    pool = _pool(model, canvases)
+    out: dict[str, Any] = {"canvases": canvases}
+    results: dict[str, torch.Tensor] = {}
+    configs = [("eager", False, False), ("graphed", False, True)]
+    if compile:
+        configs += [("compiled", True, False), ("compiled_graphed", True, True)]
+    for name, comp, graphs in configs:
+        runner = FastRunner(model, pool, num_slots=canvases, compile=comp, cuda_graphs=graphs)
+        try:
+            rows = _rows(runner, pool, canvases)
+            t0 = time.perf_counter()
+            runner.run(rows)  # first run: compiles / captures
+            out[f"{name}_first_s"] = round(time.perf_counter() - t0, 2)
+            for r in rows:
+                r.fresh = False
+            results[name] = torch.from_numpy(runner.run(rows).copy())
+            out[f"{name}_step_ms"] = _median_ms(lambda runner=runner, rows=rows: runner.run(rows), reps, device)
+            if name == "eager":
+                layout, inp = _input(runner, rows)
+                with torch.inference_mode():
+                    x = fs.step_inputs(model, layout, inp, runner.state, runner.scratch)
+                    out["eager_forward_ms"] = _median_ms(
+                        lambda x=x: model.forward_canvases(x.batch, pool.k_flat, pool.v_flat), reps, device)
+            for table in {id(r.table): r.table for r in rows}.values():
+                pool.free(table)
+        finally:
+            model.compiled_layer_rows = None
+    for name, res in results.items():
+        if name != "eager":
+            same = (res[:, fs.OUT_TOKENS:] == results["eager"][:, fs.OUT_TOKENS:]).float().mean()
+            out[f"{name}_argmax_agreement_with_eager"] = round(float(same), 5)
+    return out
+
+
+def sampler(model: DiffusionGemma, reps: int) -> dict[str, Any]:
+    """Per canvas: the exact sampler (16-row chunks, 32 GEMMs against the tied embedding at 262,144) vs the
+    fast pass (2 GEMMs), on the same hidden states."""
+    device, c = model.device, model.config.canvas_length
+    hidden = torch.randn(c, model.config.text.hidden_size, device=device, dtype=model.dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    u = torch.rand(c, device=device)
+    temp = torch.tensor(0.6, device=device)
+    greedy = torch.tensor(False, device=device)
+    with torch.inference_mode():
+        old = _median_ms(lambda: vocab_pass(model, hidden, 0.6, gen, 16), reps, device)
+        new = _median_ms(lambda: fs.canvas_vocab_pass(model, hidden, temp, u, greedy), reps, device)
+    return {"exact_16_row_chunks_ms": old, "fast_per_canvas_ms": new, "speedup": round(old / new, 2)}
+
+
+def kernels(model: DiffusionGemma) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile
+
+    pool = _pool(model, 1)
+    runner = FastRunner(model, pool, num_slots=2)
+    rows = _rows(runner, pool, 1)
+    runner.run(rows)
+    layout, inp = _input(runner, rows)
+    with torch.inference_mode():
+        x = fs.step_inputs(model, layout, inp, runner.state, runner.scratch)
+        model.forward_canvases(x.batch, pool.k_flat, pool.v_flat)
+        _sync(model.device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model.forward_canvases(x.batch, pool.k_flat, pool.v_flat)
+            _sync(model.device)
+    n = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return {"kernels_per_forward_one_canvas": n}
+
+
+def _engine(model: DiffusionGemma, concurrent: int, compile: bool) -> Engine:
+    c = model.config.canvas_length
+    return Engine(model, GenerationDefaults(eos_token_ids=()), None, EngineConfig(
+        execution="fast", kv_cache_memory=(8 << 30) if model.device.type == "cuda" else (64 << 20),
+        max_running=max(concurrent, 1), max_step_tokens=max(concurrent, 1) * c + 512, enable_prefix_cache=False,
+        compile=compile, cuda_graphs=model.device.type == "cuda"))
+
+
+def _serve(engine: Engine, prompts: list[list[int]], max_tokens: int, steps: int, tag: str
+           ) -> tuple[float, list[float], int]:
+    """Wall seconds to the last final event, commit times of the first request's canvases, new tokens."""
+    for i, p in enumerate(prompts):
+        engine.add_request(GenerationRequest(prompt_ids=p, max_tokens=max_tokens, seed=i, sampling=fixed_steps(steps),
+                                             request_id=f"{tag}{i}", ignore_eos=True))
+    t0 = time.perf_counter()
+    commits: list[float] = []
+    tokens = 0
+    while engine.has_work():
+        for ev in engine.step():
+            if isinstance(ev, CanvasEvent):
+                tokens += len(ev.token_ids)
+                if ev.request_id == f"{tag}0":
+                    commits.append(time.perf_counter() - t0)
+            elif isinstance(ev, FinalEvent):
+                pass
+    return time.perf_counter() - t0, commits, tokens
+
+
+def engine_batch1(model: DiffusionGemma, prompt: list[int], steps: int, canvases: int, compile: bool
+                  ) -> dict[str, Any]:
+    engine = _engine(model, 1, compile)
+    c = model.config.canvas_length
+    _serve(engine, [prompt], 2 * c, steps, "warm")  # captures the bucket's graphs
+    wall, commits, tokens = _serve(engine, [prompt], canvases * c, steps, "b1_")
+    gaps = [b - a for a, b in itertools.pairwise(commits)]
+    return {"steps": steps, "new_tokens": tokens, "wall_s": round(wall, 4),
+            "tokens_per_s_end_to_end": round(tokens / wall, 2),
+            "first_canvas_s": round(commits[0], 4) if commits else None,
+            "inter_canvas_ms": round(1000 * statistics.mean(gaps), 3) if gaps else None,
+            "tokens_per_s_steady_state": round(c / statistics.mean(gaps), 2) if gaps else None,
+            "forwards": engine.forwards, "compile": compile}
+
+
+def engine_concurrent(model: DiffusionGemma, prompts: list[list[int]], steps: int, compile: bool) -> dict[str, Any]:
+    engine = _engine(model, len(prompts), compile)
+    c = model.config.canvas_length
+    _serve(engine, prompts[:2], c, 2, "warm")
+    wall, _, tokens = _serve(engine, prompts, c, steps, "cc")
+    return {"concurrent": len(prompts), "steps": steps, "new_tokens": tokens, "wall_s": round(wall, 4),
+            "aggregate_tokens_per_s": round(tokens / wall, 2), "forwards": engine.forwards,
+            "max_canvases_per_forward": max(engine.canvases_in_forward, default=0),
+            "ms_per_forward": round(1000 * wall / max(1, engine.forwards), 3), "compile": compile}

@@ -1,0 +1,228 @@
+"""The fast execution mode on CPU: the same model as exact mode within 1e-4, and the engine with it (prefix-cache
+hits, chunked prefill, preemption, cancellation, determinism). Its CPU proxies (no host syncs, op counts, graph
+breaks) are in test_fast_proxies.py; EP=2 over gloo in test_ep.py."""
+
+from __future__ import annotations
+
+import hf_oracle
+import pytest
+import torch
+
+from dgserve.engine import fast_step as fs
+from dgserve.engine.counter_rng import hash32, randint, stream_keys, uniforms
+from dgserve.engine.denoising import EntropyBound, inverse_cdf_sample
+from dgserve.engine.engine import Engine, EngineConfig
+from dgserve.engine.kv_pages import KVPagePool, PagedKV
+from dgserve.engine.request import CanvasEvent, DraftEvent, FinalEvent, GenerationRequest
+from dgserve.engine.runner import FastRunner, Row
+from dgserve.model.checkpoint import load
+from dgserve.model.generation_config import SamplingParams
+from dgserve.model.kv import Segment
+
+SPEC_NAMES = list(hf_oracle.SPECS)
+SAMPLING = SamplingParams(max_denoising_steps=6)
+
+
+def _slots(table, space: str, positions: range, block_size: int) -> torch.Tensor:
+    blocks = table.full if space == "full" else table.sliding
+    return torch.tensor([blocks[p // block_size] * block_size + p % block_size for p in positions])
+
+
+def _fast_prefill(runner: FastRunner, model, table, slot: int, prompt: list[int]) -> None:
+    """Prefill ``prompt`` through fast steps, one row of at most a canvas per step."""
+    c = model.config.canvas_length
+    pos = 0
+    while pos < len(prompt):
+        n = min(c, len(prompt) - pos)
+        runner.run([Row(fs.PREFILL, slot, pos, table, n, prompt[pos:pos + n])])
+        pos += n
+        table.mark_written(pos)
+
+
+@pytest.mark.parametrize("name", SPEC_NAMES)
+def test_fast_forward_matches_exact(reference_checkpoints, name):
+    """On the parity configs (exact mode equals transformers bit for bit there): one denoising step's logits in
+    fast mode are within 1e-4 of exact mode, with and without self-conditioning, over a prompt longer than the
+    sliding window; and the K/V fast prefill chunks and a fast commit write match exact mode's within 1e-4."""
+    _, path = reference_checkpoints[name]
+    loaded = load(path)
+    model, cfg = loaded.model, loaded.config
+    c, window = cfg.canvas_length, cfg.text.sliding_window
+    pool = KVPagePool.from_budget(cfg, 64 << 20, block_size=4, dtype=model.dtype, max_seqs=4, scratch_tokens=c)
+    runner = FastRunner(model, pool, num_slots=4)
+    g = torch.Generator().manual_seed(1)
+    n_prompt = 3 * window + 1
+    prompt = torch.randint(3, cfg.text.vocab_size, (n_prompt,), generator=g).tolist()
+    canvas = torch.randint(0, cfg.text.vocab_size, (c,), generator=g)
+    soft = model.soft_embeddings(torch.softmax(torch.randn(c, cfg.text.vocab_size, generator=g) * 3, -1))
+
+    exact_table = pool.new_table()
+    assert pool.ensure_capacity(exact_table, n_prompt + 2 * c)
+    kv = PagedKV(pool, {0: exact_table})
+    with torch.inference_mode():
+        model(torch.tensor(prompt), [Segment("encode", 0, n_prompt, 0)], kv)
+        exact = [model.logits(model(canvas, [Segment("denoise", 0, c, n_prompt)], kv, s)) for s in (None, soft)]
+        model(canvas, [Segment("encode", 0, c, n_prompt)], kv)  # commit the canvas
+
+    fast_table = pool.new_table()
+    assert pool.ensure_capacity(fast_table, n_prompt + 2 * c)
+    with torch.inference_mode():
+        _fast_prefill(runner, model, fast_table, 1, prompt)
+        runner.state.canvas[1] = canvas
+        for s, want in zip((None, soft), exact, strict=True):
+            runner.state.soft[1] = 0 if s is None else s
+            row = Row(fs.DENOISE, 1, n_prompt, fast_table, c, fresh=False, cur_step=3, sampling=SAMPLING)
+            layout = fs.StepLayout.build(model, pool.block_size, runner.context_bucket([row]))
+            x = fs.step_inputs(model, layout, torch.from_numpy(runner._pack([row], 1, layout)), runner.state,
+                               runner.scratch)
+            got = model.logits(model.forward_canvases(x.batch, pool.k_flat, pool.v_flat)[0])
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+        runner.state.argmax[1] = canvas
+        runner.run([Row(fs.COMMIT, 1, n_prompt, fast_table, c)])
+    n = n_prompt + c
+    for layer in range(cfg.text.num_hidden_layers):
+        space = pool.layer_space[layer]
+        start = 0 if space == "full" else n - (window - 1)
+        for pages in (pool.k_flat, pool.v_flat):
+            a = pages[layer][_slots(exact_table, space, range(start, n), pool.block_size)]
+            b = pages[layer][_slots(fast_table, space, range(start, n), pool.block_size)]
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-4)
+
+
+def test_counter_rng_is_exact_and_uniform():
+    """The hash is the published lowbias32 (known values), 32-bit exact in int64 arithmetic; uniforms lie in
+    (0, 1) with the right mean; randint covers [0, high) evenly; streams differ."""
+    x = torch.tensor([0, 1, 0xDEADBEEF, 0xFFFFFFFF])
+    ref = []
+    for v in x.tolist():  # the reference algorithm in Python integers
+        v ^= v >> 16
+        v = (v * 0x7FEB352D) & 0xFFFFFFFF
+        v ^= v >> 15
+        v = (v * 0x846CA68B) & 0xFFFFFFFF
+        v ^= v >> 16
+        ref.append(v)
+    assert hash32(x).tolist() == ref
+    seeds = torch.arange(4)
+    keys = stream_keys(seeds, torch.zeros(4), torch.zeros(4), torch.zeros(4), 2)
+    u = uniforms(keys, 4096)
+    assert float(u.min()) > 0 and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.01
+    r = randint(keys, 4096, 10)
+    counts = torch.bincount(r.reshape(-1), minlength=10)
+    assert int(r.min()) == 0 and int(r.max()) == 9 and int(counts.min()) > 1400
+    other = stream_keys(seeds, torch.zeros(4), torch.zeros(4), torch.zeros(4), 3)
+    assert not torch.equal(keys, other) and len(set(keys.tolist())) == 4
+
+
+def test_inverse_cdf_sampling_follows_the_distribution():
+    """Frequencies of inverse-CDF draws match the probabilities (a vocabulary spanning several blocks, a
+    zero-probability token never drawn)."""
+    g = torch.Generator().manual_seed(0)
+    vocab = 3000
+    probs = torch.softmax(torch.randn(vocab, generator=g) * 2, -1)
+    probs[5] = 0
+    probs = probs / probs.sum()
+    n = 200_000
+    u = torch.rand(n, generator=g)
+    picks = inverse_cdf_sample(probs.expand(n, vocab), u, block=256)
+    freq = torch.bincount(picks, minlength=vocab).double() / n
+    assert int(freq[5]) == 0
+    top = probs.argsort(descending=True)[:20]
+    assert float((freq[top] - probs[top].double()).abs().max()) < 0.01
+
+
+def test_entropy_bound_plugin_matches_reference_rule():
+    """Acceptance keeps the k lowest-entropy positions with sum(H) - max(H) <= bound, batched per row."""
+    entropy = torch.tensor([[0.5, 0.01, 0.02, 0.9, 0.03], [0.2, 0.2, 0.2, 0.2, 0.2]])
+    accepted = EntropyBound().accept(entropy, torch.tensor([0.05, 0.5]))
+    assert accepted.tolist() == [[False, True, True, False, True], [True, True, True, False, False]]
+
+
+def _requests(vocab: int, n: int, seed: int = 0, system: list[int] | None = None, max_prompt: int = 60,
+              max_tokens: int = 90) -> list[GenerationRequest]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        plen = int(torch.randint(3, max_prompt, (1,), generator=g))
+        prompt = [*(system or []), *torch.randint(6, vocab, (plen,), generator=g).tolist()]
+        n_out = int(torch.randint(10, max_tokens, (1,), generator=g))
+        out.append(GenerationRequest(prompt_ids=prompt, max_tokens=n_out, seed=1000 + i, sampling=SAMPLING,
+                                     request_id=f"r{i}", ignore_eos=True))
+    return out
+
+
+def _drive(engine: Engine, requests: list[GenerationRequest], stagger: int = 1, cancel: dict[int, str] | None = None):
+    tokens: dict[str, list[int]] = {}
+    finals: dict[str, FinalEvent] = {}
+    drafts = 0
+    pending = list(requests)
+    step = 0
+    while pending or engine.has_work():
+        if pending and step % stagger == 0:
+            engine.add_request(pending.pop(0))
+        if cancel and step in cancel:
+            for ev in engine.cancel(cancel[step]):
+                finals[ev.request_id] = ev
+        for ev in engine.step():
+            if isinstance(ev, CanvasEvent):
+                tokens.setdefault(ev.request_id, []).extend(ev.token_ids)
+            elif isinstance(ev, FinalEvent):
+                finals[ev.request_id] = ev
+            elif isinstance(ev, DraftEvent):
+                drafts += 1
+        step += 1
+        assert step < 20_000
+    return tokens, finals, drafts
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load("tiny-random")
+
+
+def test_fast_engine_serves_staggered_requests_deterministically(tiny):
+    """12 staggered requests of different lengths complete with their max_tokens; the same workload again gives
+    the same tokens; each step ran one forward with several canvases, copying once each way."""
+    cfg = EngineConfig(execution="fast", kv_cache_memory=32 << 20)
+    engine = Engine(tiny.model, tiny.generation, None, cfg)
+    reqs = _requests(tiny.config.text.vocab_size, 12)
+    tokens, finals, _ = _drive(engine, reqs)
+    for r in reqs:
+        assert finals[r.request_id].finish_reason == "length"
+        assert len(tokens[r.request_id]) == r.max_tokens
+    assert engine.runner is not None
+    assert engine.runner.transfers_to_host == engine.runner.transfers_to_device == engine.forwards
+    assert max(engine.canvases_in_forward) >= 4
+    again, _, _ = _drive(Engine(tiny.model, tiny.generation, None, cfg), _requests(tiny.config.text.vocab_size, 12))
+    assert again == tokens
+    assert engine.pool.num_used_blocks("full") == engine.prefix_cache.num_cached_blocks()
+
+
+def test_fast_engine_prefix_cache_chunked_prefill_preemption_and_cancellation(tiny):
+    """A long shared system prompt (prefilled in canvas-sized chunks, then served from the prefix cache), a KV
+    budget small enough to preempt, a cancelled request, and drafts: everything completes, the cancelled
+    request's pages come back, and a seeded request's text equals its text in a roomy engine with nothing else
+    running (preemption restarts a canvas with the same counter-based draws)."""
+    vocab = tiny.config.text.vocab_size
+    system = torch.randint(6, vocab, (100,), generator=torch.Generator().manual_seed(5)).tolist()
+    reqs = _requests(vocab, 10, seed=3, system=system, max_tokens=300)
+    reqs[2].draft_every = 2
+    probe = Engine(tiny.model, tiny.generation, None, EngineConfig(execution="fast", kv_cache_memory=1 << 20))
+    per_request = (160 + 5 * tiny.config.canvas_length) * probe.pool.bytes_per_token("full")
+    # room for about two requests' prompts and answers at a time (the full space gets half the budget)
+    tight = Engine(tiny.model, tiny.generation, None, EngineConfig(execution="fast", kv_cache_memory=int(
+        2 * per_request / 0.5), max_running=8))
+    tokens, finals, drafts = _drive(tight, reqs, stagger=1, cancel={9: "r4"})
+    assert finals["r4"].finish_reason == "cancelled"
+    for r in reqs:
+        if r.request_id != "r4":
+            assert finals[r.request_id].finish_reason == "length", finals[r.request_id]
+            assert len(tokens[r.request_id]) == r.max_tokens
+    assert tight.prefix_cache.stats.hit_tokens > 0
+    assert tight.preemptions > 0
+    assert drafts > 0
+    assert tight.pool.num_used_blocks("full") == tight.prefix_cache.num_cached_blocks()
+    for r in (reqs[0], reqs[7]):
+        roomy = Engine(tiny.model, tiny.generation, None, EngineConfig(execution="fast", kv_cache_memory=32 << 20))
+        alone, _, _ = _drive(roomy, [r])
+        assert alone[r.request_id] == tokens[r.request_id]
