@@ -12,6 +12,8 @@ from console import dgserve, one_line_error
 
 from dgserve.deploy.cli import _parser
 
+pytestmark = pytest.mark.slow  # each test starts the console script, which imports torch, in a subprocess
+
 # --------------------------------------------------------------- 7. config files: say the file and the field
 
 
