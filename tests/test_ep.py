@@ -273,8 +273,10 @@ def _failure_scenarios(rank, world, group, ckpt, placement, result):
     from dgserve.replicas.ep_engine import build_ep_engine
 
     cfg = EngineConfig(kv_cache_memory=2 << 20)
+    # as long as the KV cache allows (fit_max_tokens: capped to what fits, as for the server's default max_tokens)
     long_request = GenerationRequest(prompt_ids=[7, 8, 9], max_tokens=4000, seed=1, ignore_eos=True,
-                                     sampling=SamplingParams(max_denoising_steps=48), request_id="long")
+                                     sampling=SamplingParams(max_denoising_steps=48), request_id="long",
+                                     fit_max_tokens=True)
     # (a) peer alive but not taking part: rank 0's first collective times out after 2 s
     short = sub_group(group, timeout_s=2.0)
     if rank == 0:

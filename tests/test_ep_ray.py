@@ -136,7 +136,7 @@ def test_killing_a_rank_restarts_the_gang(ep2, tiny):
 
     handle, _ = ep2
     long = GenerationRequest(prompt_ids=[5, 6, 7], max_tokens=100_000, seed=1, ignore_eos=True, request_id="long",
-                             sampling=SamplingParams(max_denoising_steps=48))
+                             sampling=SamplingParams(max_denoising_steps=48), fit_max_tokens=True)  # what fits
     probe = _requests(1, "probe", seed=3)[0]
 
     async def run():
