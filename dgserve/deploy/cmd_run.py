@@ -8,11 +8,12 @@ import os
 import signal
 import socket
 import threading
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dgserve.config import DEFAULT_MODEL
-from dgserve.deploy.cli_support import DEVICES, THREADS_HELP, UsageError, check_device
+from dgserve.deploy.cli_support import DEVICES, EXECUTION_HELP, THREADS_HELP, UsageError, check_device
 from dgserve.deploy.local_runs import LocalRun, register, unregister
 
 # CPUs Ray reserves for a one-thread replica: a fraction, so that --replicas 4 fits a 2-core laptop's local Ray
@@ -34,6 +35,8 @@ class RunArgs(BaseModel):
     device: str = "auto"
     threads: int = Field(1, ge=1, le=1024)
     kv_cache_memory: int | None = Field(None, ge=1 << 20)
+    vision: Literal["auto", "off"] = "auto"
+    execution: Literal["auto", "exact", "fast"] = "auto"
 
     @field_validator("device")
     @classmethod
@@ -50,11 +53,13 @@ def _deploy_config(args: RunArgs):
     if args.config:
         return load_deploy_config(args.config)  # errors name the file and the field, as `dgserve build` does
     return DeployConfig.from_args({
-        "model": {"path": args.model, "revision": args.revision, "dtype": args.dtype, "device": args.device},
+        "model": {"path": args.model, "revision": args.revision, "dtype": args.dtype, "device": args.device,
+                  "vision": args.vision},
         # Ray sets a replica's torch threads (OMP_NUM_THREADS) from the CPUs it reserves: max(1, int(num_cpus))
         "replicas": {"num_replicas": args.replicas, "ep_size": args.ep_size,
                      "num_cpus": ONE_THREAD_CPUS if args.threads == 1 else float(args.threads)},
-        "engine": {"kv_cache_memory": args.kv_cache_memory},  # None: the engine's default size
+        "engine": {"kv_cache_memory": args.kv_cache_memory,  # None: the engine's default size
+                   "execution": args.execution},
         "http": {"host": args.host, "port": args.port},
     })
 
@@ -89,7 +94,7 @@ def run(args: RunArgs) -> int:
     # everything a user can get wrong fails here, in one line, before Ray starts
     if embedded and config.model.device != "auto":  # on a cluster, the GPUs are the workers', not this machine's
         check_device(config.model.device)
-    load_metadata(config.model.path, config.model.revision)
+    load_metadata(config.model.path, config.model.revision, vision=config.model.vision)
     if embedded:  # on a cluster, the port is the head's
         check_port_free(config.http.host, config.http.port)
 
@@ -158,4 +163,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=None,
                    help="KV cache bytes per replica (default: what max_running sequences at the model's full context "
                         "need, at most half of the free memory)")
+    p.add_argument("--vision", default="auto", choices=["auto", "off"],
+                   help="auto: load the checkpoint's vision tower (if any) and accept images; off: text only")
+    p.add_argument("--execution", default="auto", choices=["auto", "exact", "fast"], help=EXECUTION_HELP)
     p.set_defaults(handler=lambda ns: run(RunArgs(**ns)))
