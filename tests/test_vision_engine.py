@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from recording import RecordingEngine
 from test_vision_generate import IDS, image_prompt, images
 
 from dgserve.engine.engine import Engine, EngineConfig
@@ -90,11 +91,10 @@ def test_image_requests_in_batches_equal_their_solo_runs(loaded, chunk):
     gen = torch.Generator().manual_seed(5)
     reqs.insert(1, GenerationRequest(prompt_ids=torch.randint(8, 320, (37,), generator=gen).tolist(), max_tokens=20,
                                      seed=3, sampling=SAMPLING, request_id="text", ignore_eos=True))
-    engine = Engine(loaded.model, loaded.generation, None,
-                    EngineConfig(kv_cache_memory=8 << 20, prefill_chunk=chunk, max_step_tokens=4096, block_size=4),
-                    vision=loaded.vision)
-    logits: dict[str, list[torch.Tensor]] = {}
-    engine.on_denoise = lambda rid, step, h: logits.setdefault(rid, []).append(loaded.model.logits(h))
+    engine = RecordingEngine(loaded.model, loaded.generation, None,
+                             EngineConfig(kv_cache_memory=8 << 20, prefill_chunk=chunk, max_step_tokens=4096,
+                                          block_size=4), vision=loaded.vision)
+    logits = engine.logits  # the engine's on_denoise hook is gone: a recording subclass observes it
     with SegmentLog(loaded.model) as log:
         tokens, finals = drive(engine, reqs)
     assert engine.vision_images == 4  # each image encoded once

@@ -9,6 +9,7 @@ import os
 import traceback
 from pathlib import Path
 
+import pytest
 import torch
 from test_ep import _consume, run_group
 
@@ -54,6 +55,7 @@ def vision_rank(rank: int, world: int, port: int, ckpt: str, out_dir: str, backe
     os._exit(0)
 
 
+@pytest.mark.slow  # two spawned processes, each importing torch and loading the model
 def test_ep2_image_prompts_equal_single_process(vision_reference, tmp_path):
     results = run_group(2, vision_reference[1], tmp_path, worker=vision_rank)
     for rank, res in enumerate(results):

@@ -73,6 +73,7 @@ class BatchJob(BaseModel):
     images: ImageSettings = ImageSettings()
     kv_cache_memory: int | None = Field(None, gt=0, description="bytes per worker; default: the engine's "
                                                                 "(EngineConfig.kv_cache_memory)")
+    execution: Literal["auto", "exact", "fast"] = Field("auto", description="the engines' execution mode")
     flush_rows: int = Field(256, ge=1, description="rows per part file")
     flush_seconds: float = Field(10.0, gt=0.0, description="longest wait before results are made durable")
 
@@ -254,6 +255,7 @@ class EngineWorker:
         vision = self.loaded.vision
         self._make_engine = lambda: Engine(self.loaded.model, self.loaded.generation, self.loaded.tokenizer,
                                            EngineConfig(kv_cache_memory=self.job.kv_cache_memory,
+                                                        execution=self.job.execution,
                                                         max_running=min(self.job.batch_size, 256),
                                                         max_waiting=max(self.job.batch_size, 1)), vision=vision)
         self.engine = self._make_engine()

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dgserve.config import DEFAULT_MODEL
-from dgserve.deploy.cli_support import DEVICES, THREADS_HELP, UsageError, check_device
+from dgserve.deploy.cli_support import DEVICES, EXECUTION_HELP, THREADS_HELP, UsageError, check_device
 from dgserve.deploy.local_runs import LocalRun, register, unregister
 
 # CPUs Ray reserves for a one-thread replica: a fraction, so that --replicas 4 fits a 2-core laptop's local Ray
@@ -36,6 +36,7 @@ class RunArgs(BaseModel):
     threads: int = Field(1, ge=1, le=1024)
     kv_cache_memory: int | None = Field(None, ge=1 << 20)
     vision: Literal["auto", "off"] = "auto"
+    execution: Literal["auto", "exact", "fast"] = "auto"
 
     @field_validator("device")
     @classmethod
@@ -57,7 +58,8 @@ def _deploy_config(args: RunArgs):
         # Ray sets a replica's torch threads (OMP_NUM_THREADS) from the CPUs it reserves: max(1, int(num_cpus))
         "replicas": {"num_replicas": args.replicas, "ep_size": args.ep_size,
                      "num_cpus": ONE_THREAD_CPUS if args.threads == 1 else float(args.threads)},
-        "engine": {"kv_cache_memory": args.kv_cache_memory},  # None: the engine's default size
+        "engine": {"kv_cache_memory": args.kv_cache_memory,  # None: the engine's default size
+                   "execution": args.execution},
         "http": {"host": args.host, "port": args.port},
     })
 
@@ -163,4 +165,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "need, at most half of the free memory)")
     p.add_argument("--vision", default="auto", choices=["auto", "off"],
                    help="auto: load the checkpoint's vision tower (if any) and accept images; off: text only")
+    p.add_argument("--execution", default="auto", choices=["auto", "exact", "fast"], help=EXECUTION_HELP)
     p.set_defaults(handler=lambda ns: run(RunArgs(**ns)))

@@ -105,7 +105,7 @@ def load_vision(path: Path, files: dict[str, Path], text_hidden: int, dtype: tor
     present = sorted(n for n in files if n.startswith(_VISION_ROOTS))
     if not present:
         # a text-only export that kept the vision_config (dgserve's own tiny model is one): nothing to load
-        log.warning("%s: config.json describes a vision tower but the weights hold none; serving text only", path)
+        log.info("%s: config.json describes a vision tower but the weights hold none; serving text only", path)
         return None
     tower = _empty_tower(spec.config, text_hidden, dtype, device)
     expected = {CHECKPOINT_PREFIX + name: tensor for name, tensor in tower.state_dict(keep_vars=True).items()}
