@@ -101,7 +101,7 @@ def test_langchain_openai_llm_batch_sends_list_prompts(server) -> None:
     from langchain_openai import OpenAI
 
     llm = OpenAI(base_url=f"{server.base}/v1", api_key="none", model="tiny", max_tokens=12, max_retries=0,
-                 timeout=300, model_kwargs={"seed": 4})
+                 timeout=300, seed=4)
     assert llm.batch_size == 20  # the default: 25 prompts go as two requests with lists of 20 and 5 prompts
     prompts = [f"sort {i} {9 - i} {(3 * i) % 10}" for i in range(25)]
     results = llm.batch(prompts)
