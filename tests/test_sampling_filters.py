@@ -140,6 +140,20 @@ def test_a_bias_of_minus_100_removes_a_token(tiny, execution) -> None:
     assert banned not in [t for e in canvases for t in e.token_ids]
 
 
+def test_the_single_request_loop_applies_the_filters_too(tiny) -> None:
+    """``dgserve generate`` runs generate_single: the request's filters reach its denoising steps."""
+    from dgserve.engine.single import generate_single
+
+    prompt = tiny.tokenizer.encode_chat(SORT)
+    plain = generate_single(tiny.model, prompt, max_tokens=32, seed=7, sampling=tiny.generation.sampling,
+                            eos_token_ids=tiny.generation.eos_token_ids)
+    banned = max(set(plain.token_ids), key=plain.token_ids.count)
+    biased = tiny.generation.sampling.model_copy(update={"logit_bias": {banned: -100.0}})
+    result = generate_single(tiny.model, prompt, max_tokens=32, seed=7, sampling=biased,
+                             eos_token_ids=tiny.generation.eos_token_ids)
+    assert banned not in result.token_ids
+
+
 @pytest.mark.parametrize("execution", ["exact", "fast"])
 def test_min_tokens_keeps_eos_out(tiny, execution) -> None:
     _, final = _run(tiny, execution, seed=7, max_tokens=64)

@@ -147,6 +147,8 @@ def denoise_step(model: DiffusionGemma, hidden: torch.Tensor, canvas: torch.Tens
                  noise: torch.Tensor | None = None, filters: RowFilters | None = None,
                  logprobs: bool = False) -> StepOutput:
     chunk_rows = chunk_rows or default_chunk_rows(model.config.text.vocab_size)
+    if filters is None and params.filtered:  # the request's filters (the engine passes min_tokens' suppression too)
+        filters = RowFilters.for_canvas(params, hidden.shape[0], 0, (), hidden.device)
     vp = vocab_pass(model, hidden, temperature(cur_step, params), gen, chunk_rows, noise, params.greedy, filters,
                     logprobs)
     new_canvas, accepted = accept_and_renoise(canvas, vp.sample, vp.entropy, params.entropy_bound,
