@@ -297,6 +297,9 @@ class _OpenAIRoutes:
             if body.min_tokens > max_tokens:
                 raise OpenAIHTTPError(400, f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens})",
                                       param="min_tokens")
+            # ignore_eos asks, as in vLLM, for max_tokens tokens of output: pad ids are not output here (they are
+            # neither text nor counted), so neither EOS nor padding is sampled
+            min_tokens = max_tokens if body.ignore_eos else body.min_tokens
             for j in range(body.n):
                 index = p * body.n + j
                 specs.append((GenerationRequest(
@@ -304,7 +307,7 @@ class _OpenAIRoutes:
                     stop=body.stop_strings, ignore_eos=body.ignore_eos,
                     draft_every=(body.draft_every or self.settings.default_draft_every) if body.stream_drafts else 0,
                     request_id=reply.id if len(prompts) * body.n == 1 else f"{reply.id}-{index}",
-                    fit_max_tokens=body.requested_max_tokens is None, images=images, min_tokens=body.min_tokens,
+                    fit_max_tokens=body.requested_max_tokens is None, images=images, min_tokens=min_tokens,
                     logprobs=top, include_stop_str=body.include_stop_str_in_output,
                     skip_special_tokens=body.skip_special_tokens and not plan.keep_special_tokens,
                     constraint=plan.constraint),

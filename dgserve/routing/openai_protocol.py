@@ -153,8 +153,9 @@ class _GenerationFields(BaseModel):
     t_min: float | None = Field(
         None, ge=0.0, description="dgserve extension. Sampling temperature of the last denoising step "
         "(must be below t_max).")
-    ignore_eos: bool = Field(False, description="dgserve extension. Keep generating past end-of-sequence "
-                             "(benchmarks).")
+    ignore_eos: bool = Field(False, description="dgserve and vLLM extension (benchmarks): generate max_tokens "
+                             "tokens of output: generation goes on past end-of-sequence, and neither EOS nor "
+                             "padding is sampled (a canvas' padding is not output).")
     stream_drafts: bool = Field(
         False, description="dgserve extension, needs `stream: true`. Also stream provisional snapshots of the "
         "canvas being denoised as `event: draft` SSE events (see the text/event-stream response). Drafts are "
