@@ -2,7 +2,7 @@
 streaming benchmark on /v1/chat/completions and on /v1/completions, with guidellm's request defaults (it streams
 with ``stream_options.continuous_usage_stats``, ``ignore_eos`` and ``stop: null``) and a local tokenizer.
 
-    python bench/guidellm_run.py [--model tiny] [--requests 24] [--streams 1,8] [--out guidellm-results]
+    python bench/guidellm_run.py [--model tiny] [--requests 24] [--streams 1,8] [--results DIR] [--out FILE]
 
 Prints one Markdown row per (endpoint, profile): requests succeeded / errored, TTFT, inter-token latency and
 output tokens/s as guidellm measured them; exits 1 if any request errored. Needs the ``guidellm`` package (a test
@@ -23,6 +23,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.bench_record import BenchRun, md_table  # noqa: E402
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 
@@ -98,7 +104,7 @@ def summarize(report: dict[str, Any]) -> dict[str, float | int]:
             "requests_per_s": successful("requests_per_second", "mean")}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny", help="what dgserve run serves (its --model)")
     parser.add_argument("--tokenizer", default=None, help="local tokenizer directory (default: the tiny model's)")
@@ -107,31 +113,39 @@ def main() -> int:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="dgserve run --threads")
-    parser.add_argument("--out", type=Path, default=Path("guidellm-results"))
-    args = parser.parse_args()
+    parser.add_argument("--results", type=Path, default=Path("guidellm-results"), help="guidellm's files go here")
+    parser.add_argument("--out", default=None, help="append the JSON record to this file")
+    args = parser.parse_args(argv)
     from dgserve.train.paths import TINY_DIR
 
+    bench = BenchRun("guidellm")
     tokenizer = args.tokenizer or str(TINY_DIR)
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows, errors = [], 0
-    with dgserve_run(["--model", args.model, "--threads", str(args.threads)], args.out / "dgserve-run.log") as base:
-        served = json.loads(subprocess.run(["curl", "-s", f"{base}/v1/models"], capture_output=True, text=True,
-                                           check=True).stdout)["data"][0]["id"]
+    args.results.mkdir(parents=True, exist_ok=True)
+    points, errors = [], 0
+    with dgserve_run(["--model", args.model, "--threads", str(args.threads)],
+                     args.results / "dgserve-run.log") as base:
+        import urllib.request
+
+        with urllib.request.urlopen(f"{base}/v1/models", timeout=60) as resp:
+            served = json.loads(resp.read())["data"][0]["id"]
         for endpoint in ENDPOINTS:
             for streams in (int(s) for s in args.streams.split(",")):
                 name = f"{endpoint.strip('/').replace('/', '_')}-x{streams}"
                 spec = scenario(base, served, tokenizer, endpoint, streams, args.requests, args.prompt_tokens,
                                 args.output_tokens)
-                figures = summarize(run_guidellm(spec, args.out, name))
+                figures = summarize(run_guidellm(spec, args.results, name))
                 errors += figures["errored"] + figures["incomplete"]
-                rows.append((endpoint, streams, figures))
-    print(f"guidellm against dgserve run --model {args.model} --threads {args.threads}: synthetic prompts of "
-          f"{args.prompt_tokens} tokens, {args.output_tokens} output tokens asked, {args.requests} requests each\n")
-    print("| endpoint | streams | succeeded | errored | TTFT median ms | ITL median ms | output tok/s | req/s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for endpoint, streams, f in rows:
-        print(f"| {endpoint} | {streams} | {f['successful']} | {f['errored'] + f['incomplete']} | {f['ttft_ms']:.0f} | "
-              f"{f['itl_ms']:.1f} | {f['output_tokens_per_s']:.1f} | {f['requests_per_s']:.2f} |")
+                points.append({"endpoint": endpoint, "streams": streams, **figures})
+                bench.progress(f"{endpoint} x{streams}: {figures['successful']} ok, {figures['errored']} errored")
+        state = bench.contention()  # while dgserve run (its Ray cluster) still counts as this run's own
+    rows = [[p["endpoint"], p["streams"], p["successful"], p["errored"] + p["incomplete"], f"{p['ttft_ms']:.0f}",
+             f"{p['itl_ms']:.1f}", f"{p['output_tokens_per_s']:.1f}", f"{p['requests_per_s']:.2f}"] for p in points]
+    table = md_table(["endpoint", "streams", "succeeded", "errored", "TTFT median ms", "ITL median ms",
+                      "output tok/s", "req/s"], rows)
+    notes = [f"guidellm against dgserve run --model {args.model} --threads {args.threads}: synthetic prompts of "
+             f"{args.prompt_tokens} tokens, {args.output_tokens} output tokens asked, {args.requests} requests each",
+             bench.command()]
+    bench.finish({"model": args.model, "errors": errors, "points": points}, table, args.out, notes, state)
     return 1 if errors else 0
 
 

@@ -13,15 +13,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import jsonschema
 import torch
 
-from dgserve.engine.engine import Engine, EngineConfig
-from dgserve.engine.grammar import JsonConstraint
-from dgserve.engine.request import CanvasEvent, FinalEvent, GenerationRequest
-from dgserve.model.checkpoint import load
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.bench_record import BenchRun, md_table  # noqa: E402
+from dgserve.engine.engine import Engine, EngineConfig  # noqa: E402
+from dgserve.engine.grammar import JsonConstraint  # noqa: E402
+from dgserve.engine.request import CanvasEvent, FinalEvent, GenerationRequest  # noqa: E402
+from dgserve.model.checkpoint import load  # noqa: E402
 
 PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "kind"], "properties": {
     "name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
@@ -64,24 +71,31 @@ def run(loaded, n: int, max_tokens: int, prompt_of, schema: dict, constrained: b
             "seconds": seconds, "valid": valid}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=50)
+    parser.add_argument("--n", type=int, default=50, help="requests per workload")
     parser.add_argument("--max-tokens", type=int, default=96)
-    args = parser.parse_args()
+    parser.add_argument("--out", default=None, help="append the JSON record to this file")
+    args = parser.parse_args(argv)
+    bench = BenchRun("json_cost")
     torch.set_num_threads(1)
     loaded = load("tiny")
-    print(f"tiny model, exact mode, 1 thread; {args.n} chat requests per workload (seed = index), max_tokens "
-          f"{args.max_tokens}, batched in one engine\n")
-    print("| workload | output | new tokens | tokens per forward | steps per canvas | seconds | valid for the schema |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    points, rows = [], []
     for name, prompt_of, schema in WORKLOADS:
         for constrained in (False, True):
             r = run(loaded, args.n, args.max_tokens, prompt_of, schema, constrained)
-            print(f"| {name} | {'JSON schema (constrained)' if constrained else 'free text'} | {r['tokens']} | "
-                  f"{r['tokens_per_forward']:.2f} | {r['steps_per_canvas']:.2f} | {r['seconds']:.1f} | "
-                  f"{r['valid']}/{args.n} |")
+            bench.progress(f"{name}, constrained={constrained}: {r['steps_per_canvas']:.2f} steps per canvas")
+            points.append({"workload": name, "constrained": constrained, **{k: round(v, 3) for k, v in r.items()}})
+            rows.append([name, "JSON schema (constrained)" if constrained else "free text", r["tokens"],
+                         f"{r['tokens_per_forward']:.2f}", f"{r['steps_per_canvas']:.2f}", f"{r['seconds']:.1f}",
+                         f"{r['valid']}/{args.n}"])
+    table = md_table(["workload", "output", "new tokens", "tokens per forward", "steps per canvas", "seconds",
+                      "valid for the schema"], rows)
+    notes = [f"tiny model, exact mode, 1 thread; {args.n} chat requests per workload (seed = index), max_tokens "
+             f"{args.max_tokens}, batched in one engine", bench.command()]
+    bench.finish({"n": args.n, "max_tokens": args.max_tokens, "points": points}, table, args.out, notes)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
