@@ -59,7 +59,8 @@ class ModelReplica:
     def _start_engine(self) -> AsyncEngine:
         device = resolve_device(self.config.model.device)
         loaded = load(self.config.model.path, dtype=self.config.model.dtype, device=device,
-                      revision=self.config.model.revision)
+                      revision=self.config.model.revision, quantization=self.config.model.quantization,
+                      fp8_emulation=self.config.model.fp8_emulation)
         return AsyncEngine(Engine(loaded.model, loaded.generation, loaded.tokenizer, self.config.engine))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
