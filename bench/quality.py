@@ -1,6 +1,6 @@
 """Speed/quality curve of a trained checkpoint, and the format cross-check against transformers.
 
-    python bench/quality.py [--model tiny] [--n 100] [--hf] [--hf-all] [--json] [--dtype D]
+    python bench/quality.py [--model tiny] [--n 100] [--hf] [--hf-all] [--modes] [--json] [--dtype D]
                             [--quantization fp8 --fp8-emulation]
 
 Prints the held-out denoising loss, then for entropy bound x max steps (0.05/0.1/0.3 x 8/16/48) the
@@ -8,7 +8,8 @@ exact-match accuracy on held-out sorting problems, tokens/s, tokens per forward 
 (dgserve's single-request loop, CPU fp32). ``--hf`` loads the same directory with transformers'
 ``DiffusionGemmaForBlockDiffusion``, generates the same prompts with the same seeds and settings
 (the default setting; ``--hf-all``: every setting), and reports its accuracy and how many outputs are
-token-for-token identical to dgserve's.
+token-for-token identical to dgserve's. ``--modes`` serves the sorting problems through the batching engine
+in exact and in fast execution (the default setting) and reports both accuracies and their difference.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dgserve.engine.single import generate_single
 from dgserve.model.checkpoint import LoadedModel, load
 from dgserve.model.generation_config import SamplingParams
 from dgserve.train.data import sort_answer, sort_eval_set, sort_prompt
-from dgserve.train.evaluate import ENTROPY_BOUNDS, MAX_STEPS, heldout_loss, sweep
+from dgserve.train.evaluate import ENTROPY_BOUNDS, MAX_STEPS, heldout_loss, sort_exact_match_engine, sweep
 from dgserve.train.paths import resolve_model
 
 
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hf", action="store_true", help="cross-check the default setting with transformers")
     p.add_argument("--hf-all", action="store_true", help="cross-check every setting with transformers")
     p.add_argument("--no-sweep", dest="sweep", action="store_false", help="skip the dgserve sweep (with --hf)")
+    p.add_argument("--modes", action="store_true", help="exact vs fast execution through the engine")
     p.add_argument("--json", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="(default float32)")
@@ -98,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
              **hf_sort_check(loaded, model_dir, default.model_copy(update={"entropy_bound": b,
                                                                            "max_denoising_steps": s}), args.n)}
             for b, s in pairs]
+    if args.modes:
+        modes = {m: sort_exact_match_engine(loaded, default, args.n, m) for m in ("exact", "fast")}
+        report["execution_modes"] = {**modes, "fast_minus_exact_points": round(100 * (modes["fast"] - modes["exact"]),
+                                                                               1)}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -110,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         print(f"{r.entropy_bound:>13g} {r.max_steps:>9d} {r.sort_exact_match:>10.3f} {r.tokens_per_second:>9.1f} "
               f"{r.tokens_per_forward:>7.2f} {r.steps_per_canvas:>12.1f}")
+    if "execution_modes" in report:
+        m = report["execution_modes"]
+        print(f"engine, default setting: exact mode {m['exact']:.3f}, fast mode {m['fast']:.3f} "
+              f"({m['fast_minus_exact_points']:+.1f} points)")
     for row in report.get("hf_cross_check", []):
         print(f"transformers @ bound {row['entropy_bound']:g}, {row['max_steps']} steps: exact match "
               f"{row['hf_exact_match']:.3f} (dgserve {row['dgserve_exact_match']:.3f}), identical outputs "

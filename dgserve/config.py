@@ -7,11 +7,12 @@ Helm configs, it does not own it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dgserve.engine.engine import EngineConfig
+from dgserve.model.image_processing import ImageLimits
 
 DEFAULT_MODEL = "tiny"  # the trained checkpoint shipped in the package (dgserve/model/assets/tiny)
 
@@ -37,6 +38,9 @@ class ModelSettings(_Strict):
         "weight-only FP8 on older GPUs); an FP8 checkpoint is read as it is. On CUDA it needs dtype bfloat16")
     fp8_emulation: bool = Field(False, description="with quantization fp8: emulate the FP8 arithmetic (same rounding, "
                                 "fp32 matmuls) instead of needing a GPU; slower than no quantization, for checks")
+    vision: Literal["auto", "off"] = Field(
+        "auto", description="auto: load the checkpoint's vision tower (if any) and accept image inputs; off: text "
+        "only (no vision weights in memory; image parts are a 400)")
 
     @property
     def model_id(self) -> str:
@@ -118,6 +122,64 @@ class IngressSettings(_Strict):
         "Retry-After before their body is read. None: no limit here (the replicas' queues bound the load).")
 
 
+class ImageFetchSettings(_Strict):
+    """Operator settings for ``http(s)`` image URLs. Off unless ``enabled`` and the host is allow-listed.
+
+    ``allowed_hosts`` entries: ``example.com`` (any port), ``example.com:8443``, or ``*.example.com``
+    (its subdomains). The allow-list is the trust boundary: an allowed host is fetched whatever it resolves to.
+    """
+
+    enabled: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    max_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    timeout_s: float = Field(10.0, gt=0)  # the whole fetch, redirects included
+    max_redirects: int = Field(3, ge=0, le=10)
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _hosts_from_list(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _check_hosts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in v:
+            host, port = _split_host_entry(entry)
+            if not host or "/" in entry or "*" in host[1:] or (host.startswith("*") and not host.startswith("*.")):
+                raise ValueError(f"allowed_hosts entry {entry!r}: expected host, host:port or *.domain")
+            if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"allowed_hosts entry {entry!r}: bad port {port!r}")
+        return tuple(e.lower() for e in v)
+
+    def allows(self, host: str, port: int) -> bool:
+        host = host.lower()
+        for entry in self.allowed_hosts:
+            name, entry_port = _split_host_entry(entry)
+            if entry_port is not None and entry_port != str(port):
+                continue
+            if (name.startswith("*.") and host.endswith(name[1:])) or name == host:
+                return True
+        return False
+
+
+def _split_host_entry(entry: str) -> tuple[str, str | None]:
+    """``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6 address -> (host, port or None)."""
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else None
+    if entry.count(":") == 1:
+        host, _, port = entry.partition(":")
+        return host, port
+    return entry, None
+
+
+class ImageSettings(_Strict):
+    """Image input limits and the http(s) fetch policy of a deployment."""
+
+    limits: ImageLimits = ImageLimits()
+    fetch: ImageFetchSettings = ImageFetchSettings()
+
+
 class AuthSettings(_Strict):
     api_keys_file: str | None = Field(None, description="file with one 'name:key' per line")
     api_keys_env: str | None = Field(None, description="environment variable holding 'name:key,name2:key2'")
@@ -150,6 +212,7 @@ class IngressSlice(_Strict):
 
     model: ModelSettings
     ingress: IngressSettings
+    images: ImageSettings
     auth: AuthSettings
     router: RouterSettings
 
@@ -162,6 +225,7 @@ class DeployConfig(_Strict):
     replicas: ReplicaSettings = ReplicaSettings()
     router: RouterSettings = RouterSettings()
     ingress: IngressSettings = IngressSettings()
+    images: ImageSettings = ImageSettings()
     auth: AuthSettings = AuthSettings()
     http: HttpSettings = HttpSettings()
 
@@ -193,4 +257,5 @@ class DeployConfig(_Strict):
                             max_ongoing_requests=r.max_ongoing_requests)
 
     def ingress_slice(self) -> IngressSlice:
-        return IngressSlice(model=self.model, ingress=self.ingress, auth=self.auth, router=self.router)
+        return IngressSlice(model=self.model, ingress=self.ingress, images=self.images, auth=self.auth,
+                            router=self.router)

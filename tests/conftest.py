@@ -27,6 +27,16 @@ def reference_checkpoints(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def vision_reference(tmp_path_factory):
+    """(transformers model, checkpoint dir) of the image-and-text spec hf_oracle.VISION_SPECS["vision"]."""
+    import hf_oracle
+
+    spec = hf_oracle.VISION_SPECS["vision"]
+    model = hf_oracle.build_reference(spec)
+    return model, hf_oracle.save_reference(model, tmp_path_factory.mktemp("reference") / spec.name, spec)
+
+
 def _free_port() -> int:
     import socket
 

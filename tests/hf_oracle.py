@@ -24,6 +24,10 @@ class OracleSpec:
     confident: bool = False  # scale the output so logits saturate: adaptive stopping fires
     eos: int = 1
     gen: dict[str, Any] = field(default_factory=dict)
+    # a vision tower whose weights are perturbed too (None: TINY_VISION with its initial weights, unused)
+    vision: dict[str, Any] | None = None
+    processor: dict[str, Any] = field(default_factory=dict)  # Gemma4ImageProcessor settings (vision specs)
+    special_ids: dict[str, int] = field(default_factory=dict)  # image_token_id / boi_token_id / eoi_token_id
 
 
 SPECS = {
@@ -48,11 +52,27 @@ SPECS = {
 }
 
 
+# Image-and-text: a vision tower with GQA, clipped linears and standardisation, images of up to 70 soft tokens
+# (longer than the sliding window, so the bidirectional image mask reaches past it), image ids inside the vocab.
+VISION_SPECS = {
+    "vision": OracleSpec("vision", dict(
+        vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, global_head_dim=32, num_global_key_value_heads=1, sliding_window=24,
+        num_experts=4, top_k_experts=2, moe_intermediate_size=24, use_bidirectional_attention="vision",
+        layer_types=["sliding_attention", "full_attention", "full_attention"]), canvas=8,
+        vision=dict(model_type="gemma4_vision", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, position_embedding_size=160,
+                    patch_size=4, pooling_kernel_size=2, standardize=True, use_clipped_linears=True),
+        processor=dict(patch_size=4, pooling_kernel_size=2, max_soft_tokens=70),
+        special_ids=dict(image_token_id=5, boi_token_id=6, eoi_token_id=7)),
+}
+
+
 def build_reference(spec: OracleSpec, seed: int = 0):
     from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 
-    cfg = DiffusionGemmaConfig(text_config=dict(spec.text), vision_config=dict(TINY_VISION),
-                               canvas_length=spec.canvas)
+    cfg = DiffusionGemmaConfig(text_config=dict(spec.text), vision_config=dict(spec.vision or TINY_VISION),
+                               canvas_length=spec.canvas, **spec.special_ids)
     torch.manual_seed(seed)
     model = DiffusionGemmaForBlockDiffusion(cfg).eval()
     gen = torch.Generator().manual_seed(seed + 1)
@@ -70,8 +90,26 @@ def build_reference(spec: OracleSpec, seed: int = 0):
                 b.fill_(0.9 if "encoder" in name else 1.1)
         if spec.confident:
             model.model.decoder.norm.weight.mul_(40.0)
+        if spec.vision is not None:
+            _perturb_vision(model, torch.Generator().manual_seed(seed + 2))
     set_generation(model, spec)
     return model
+
+
+def _perturb_vision(model, gen: torch.Generator) -> None:
+    """Random vision weights (own generator: the text weights stay those of the text-only specs), finite clip
+    bounds that clamp some activations, a non-trivial standardisation."""
+    for name, t in model.state_dict(keep_vars=True).items():
+        if "vision" not in name:
+            continue
+        if name.endswith(("input_min", "output_min")):
+            t.fill_(-2.5)
+        elif name.endswith(("input_max", "output_max")):
+            t.fill_(2.5)
+        elif t.dim() <= 1:
+            t.add_(torch.randn(t.shape, generator=gen) * 0.1)
+        else:
+            t.normal_(0.0, 0.2, generator=gen)
 
 
 def set_generation(model, spec: OracleSpec, eos: int | None = None, max_new_tokens: int = 256) -> None:
@@ -87,9 +125,48 @@ def set_generation(model, spec: OracleSpec, eos: int | None = None, max_new_toke
     model.generation_config = DiffusionGemmaGenerationConfig(**g)
 
 
-def save_reference(model, out: Path) -> Path:
+VISION_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", "<image>",
+                         "<start_of_image>", "<end_of_image>"]  # ids 0-7: the vision spec's image/boi/eoi are 5/6/7
+# Gemma's turn format (dgserve's test template) with image parts: one <image> placeholder per image, which the
+# server expands to <start_of_image> <image> x n <end_of_image>, as the reference processor does.
+VISION_CHAT_TEMPLATE = r"""{{ bos_token }}
+{%- for message in messages -%}
+    {{ '<start_of_turn>' ~ ('model' if message['role'] == 'assistant' else message['role']) ~ '\n' }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- else -%}
+        {%- for part in message['content'] -%}
+            {%- if part['type'] == 'image' -%}{{ image_token }}{%- else -%}{{ part['text'] | trim }}{%- endif -%}
+        {%- endfor -%}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}
+"""
+
+
+def save_reference(model, out: Path, spec: OracleSpec | None = None) -> Path:
     model.save_pretrained(out)
+    if spec is not None and spec.processor:
+        reference_image_processor(spec).save_pretrained(out)
+        write_vision_tokenizer(out, spec.text["vocab_size"])
     return out
+
+
+def write_vision_tokenizer(out: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer of exactly ``vocab_size`` ids whose special tokens sit at the spec's ids."""
+    from dgserve.model.tokenizer_build import TINY_CORPUS, train_byte_level_bpe, write_tokenizer_dir
+
+    tok = train_byte_level_bpe(TINY_CORPUS.split("\n\n"), vocab_size, VISION_SPECIAL_TOKENS)
+    assert tok.get_vocab_size() == vocab_size, tok.get_vocab_size()
+    write_tokenizer_dir(tok, out, VISION_CHAT_TEMPLATE, image="<image>")
+
+
+def reference_image_processor(spec: OracleSpec):
+    """transformers' Gemma 4 image processor (PIL backend: torchvision does not import beside the CPU torch)."""
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    return Gemma4ImageProcessorPil(**spec.processor)
 
 
 def hf_generate(model, prompt: list[int], seed: int, max_new_tokens: int) -> list[int]:

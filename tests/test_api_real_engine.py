@@ -175,6 +175,7 @@ async def test_temperature_zero_is_deterministic_greedy_denoising(backend) -> No
 # ---------------------------------------- 5. prompt + max_tokens beyond the KV cache: refused or capped, at once
 
 
+@pytest.mark.slow  # generates up to the cache's 1,024 tokens
 async def test_max_tokens_beyond_the_kv_cache_is_refused_or_capped(backend) -> None:
     capacity = backend.client.engine.pool.token_capacity()
     assert capacity == 1024  # the reproduction: a cache of 1,024 tokens, max_tokens 2,048

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each test starts the console script, which imports torch, in a subprocess
+
 
 def _dgserve(*args: str) -> subprocess.CompletedProcess:
     exe = shutil.which("dgserve")
@@ -16,7 +18,6 @@ def _dgserve(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.slow  # a subprocess that imports torch and generates
 def test_generate_json_tiny_random():
     proc = _dgserve("generate", "--model", "tiny-random", "--prompt", "hi", "--json", "--max-tokens", "40",
                     "--seed", "3")
@@ -32,7 +33,6 @@ def test_generate_json_tiny_random():
     assert again["token_ids"] == out["token_ids"]  # same seed, same tokens
 
 
-@pytest.mark.slow  # a subprocess that imports torch and generates
 def test_default_model_is_the_trained_tiny():
     default = json.loads(_dgserve("generate", "--prompt", "Q: sort 9 4 7\nA:", "--json", "--max-tokens", "32",
                                   "--seed", "0").stdout)
@@ -42,7 +42,6 @@ def test_default_model_is_the_trained_tiny():
     assert default["text"].strip() == "4 7 9", default["text"]  # the synthetic task the shipped model learned
 
 
-@pytest.mark.slow  # a subprocess that imports torch and generates
 def test_generate_chat_prints_text():
     proc = _dgserve("generate", "--prompt", "hello", "--chat", "--max-tokens", "8", "--seed", "1")
     assert proc.returncode == 0, proc.stderr

@@ -22,6 +22,7 @@ from dgserve.deploy.cli import _parser
     ("model:\n  path: tiny\n replicas: 2\n", "deploy.yaml: line 3: not valid YAML"),
     ("", "deploy.yaml: the file is empty; expected a mapping of settings"),
 ])
+@pytest.mark.slow  # runs the dgserve console script in a subprocess
 def test_run_and_build_report_config_errors_alike(tmp_path, text, expected) -> None:
     (tmp_path / "deploy.yaml").write_text(text)
     run = one_line_error(dgserve("run", "--config", "deploy.yaml", cwd=tmp_path), "run")
@@ -30,6 +31,7 @@ def test_run_and_build_report_config_errors_alike(tmp_path, text, expected) -> N
     assert run.removeprefix("dgserve run: ") == build.removeprefix("dgserve build: ")
 
 
+@pytest.mark.slow  # runs the dgserve console script in a subprocess
 def test_build_rejects_an_unknown_preset_as_run_does(tmp_path) -> None:
     (tmp_path / "deploy.yaml").write_text("model:\n  path: tiny-randm\n")
     build = one_line_error(dgserve("build", "--config", "deploy.yaml", cwd=tmp_path), "build")
@@ -44,6 +46,7 @@ def test_build_rejects_an_unknown_preset_as_run_does(tmp_path) -> None:
 # ------------------------------------------------------------------------------ 8. a port already in use
 
 
+@pytest.mark.slow  # runs the dgserve console script in a subprocess
 def test_run_on_a_busy_port_says_so_in_one_line() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -56,6 +59,7 @@ def test_run_on_a_busy_port_says_so_in_one_line() -> None:
 # ------------------------------------------------------------------------------------- 9. --device checked
 
 
+@pytest.mark.slow  # runs the dgserve console script in a subprocess
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
 @pytest.mark.parametrize("command", [["generate", "--prompt", "hi"], ["run"]])
 def test_device_cuda_without_cuda_is_one_line(command) -> None:
@@ -67,6 +71,7 @@ def test_device_cuda_without_cuda_is_one_line(command) -> None:
 # -------------------------------------------------------------------------------------------- 10. --threads
 
 
+@pytest.mark.slow  # runs the dgserve console script in a subprocess
 def test_threads_option_and_its_default() -> None:
     from dgserve.deploy.cmd_run import RunArgs, _deploy_config
 
@@ -97,6 +102,7 @@ def test_every_subcommand_and_flag_is_described() -> None:
     assert kv_flags == {"--kv-cache-memory"}
 
 
+@pytest.mark.slow  # runs the dgserve console script in a subprocess
 def test_version_and_log_level_after_the_subcommand() -> None:
     version = dgserve("--version")
     assert version.returncode == 0 and version.stdout.startswith("dgserve ")
@@ -107,6 +113,7 @@ def test_version_and_log_level_after_the_subcommand() -> None:
     assert "invalid choice: 'LOUD'" in dgserve("generate", "--prompt", "hi", "--log-level", "loud").stderr
 
 
+@pytest.mark.slow  # runs the dgserve console script in a subprocess
 def test_train_writes_into_the_current_directory_by_default() -> None:
     from dgserve.deploy.cmd_train import TrainArgs
     from dgserve.train.paths import TINY_DIR
@@ -120,6 +127,7 @@ def _jsonl(path: Path, rows: list) -> None:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
 
 
+@pytest.mark.slow  # runs the dgserve console script in a subprocess
 def test_batch_rerun_with_nothing_left_is_quick_and_failed_rows_fail_the_exit_status(tmp_path) -> None:
     _jsonl(tmp_path / "in.jsonl", [{"id": 1, "prompt": "a"}, {"id": 2, "prompt": "b"}, "not json"])
     _jsonl(tmp_path / "out.jsonl", [{"id": 1, "text": "x", "finish_reason": "stop", "prompt_tokens": 1,
@@ -139,6 +147,7 @@ def test_batch_rerun_with_nothing_left_is_quick_and_failed_rows_fail_the_exit_st
     assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow  # runs the dgserve console script in a subprocess
 def test_status_without_a_cluster_says_how_to_point_it_at_one(tmp_path) -> None:
     with socket.socket() as s:
         if s.connect_ex(("127.0.0.1", 8265)) == 0:

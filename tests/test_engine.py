@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 import torch
+from recording import RecordingEngine
 
 from dgserve.engine.engine import Engine, EngineConfig
 from dgserve.engine.loop import AsyncEngine
@@ -63,10 +64,9 @@ def test_batch_invariance_staggered(tiny):
     sums in another order than over the whole prompt (measured: up to ~6e-6 in the logits, no flipped
     token); without chunking the match is bitwise (next test)."""
     reqs = _requests(16)
-    engine = Engine(tiny.model, tiny.generation, tiny.tokenizer,
-                    EngineConfig(kv_cache_memory=8 << 20, prefill_chunk=24, max_step_tokens=512))
-    batched_logits: dict[str, list[torch.Tensor]] = {}
-    engine.on_denoise = lambda rid, step, h: batched_logits.setdefault(rid, []).append(tiny.model.logits(h))
+    engine = RecordingEngine(tiny.model, tiny.generation, tiny.tokenizer,
+                             EngineConfig(kv_cache_memory=8 << 20, prefill_chunk=24, max_step_tokens=512))
+    batched_logits = engine.logits
     tokens, finals = _drive(engine, reqs, stagger=2)
     assert max(engine.canvases_in_forward) > 4  # canvases of several requests really shared forwards
     flips = 0
@@ -97,10 +97,9 @@ def test_batch_invariance_is_bitwise_without_chunking(tiny, threads):
             reqs.insert(2 * i, GenerationRequest(
                 prompt_ids=torch.randint(6, 512, (plen,), generator=g).tolist(), max_tokens=40 + 3 * i,
                 seed=2000 + i, sampling=SAMPLING, request_id=f"short{plen}", ignore_eos=True))
-        engine = Engine(tiny.model, tiny.generation, tiny.tokenizer,
-                        EngineConfig(kv_cache_memory=8 << 20, max_step_tokens=1024))
-        batched_logits: dict[str, list[torch.Tensor]] = {}
-        engine.on_denoise = lambda rid, step, h: batched_logits.setdefault(rid, []).append(tiny.model.logits(h))
+        engine = RecordingEngine(tiny.model, tiny.generation, tiny.tokenizer,
+                                 EngineConfig(kv_cache_memory=8 << 20, max_step_tokens=1024))
+        batched_logits = engine.logits
         tokens, _ = _drive(engine, reqs, stagger=2)
         assert max(engine.canvases_in_forward) > 4
         for r in reqs:

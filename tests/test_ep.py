@@ -228,14 +228,15 @@ def _sit_out_twice(share):
 
 
 def _engine_scenario(rank, world, group, full, ckpt, placement, result):
+    from recording import RecordingEngine
+
     from dgserve.engine.engine import EngineConfig
     from dgserve.engine.single import generate_single
     from dgserve.replicas.ep_engine import build_ep_engine
 
-    ep = build_ep_engine(ckpt, group, placement, engine_config=EngineConfig(kv_cache_memory=4 << 20,
-                         prefill_chunk=24, max_step_tokens=256), idle_poll_s=0.005, stats_sync_every=4)
-    recorded: dict[str, list[torch.Tensor]] = {}
-    ep.engine.on_denoise = lambda rid, step, h: recorded.setdefault(rid, []).append(ep.engine.model.logits(h))
+    ep = build_ep_engine(ckpt, group, placement, engine_class=RecordingEngine, engine_config=EngineConfig(
+        kv_cache_memory=4 << 20, prefill_chunk=24, max_step_tokens=256), idle_poll_s=0.005, stats_sync_every=4)
+    recorded = ep.engine.logits
     requests = _requests_for(rank, world)
 
     async def run_all():
@@ -263,6 +264,45 @@ def _engine_scenario(rank, world, group, full, ckpt, placement, result):
                   engine_failed=ep.failed)
 
 
+def _fast_engine_scenario(rank, world, group, full, ckpt, placement, result):
+    """Fast execution over the EP group: each rank's requests complete, and their tokens equal a single-process
+    fast engine's given the same requests at once (the same rows per step; counter-based randomness)."""
+    from dgserve.engine.engine import Engine, EngineConfig
+    from dgserve.engine.request import CanvasEvent, FinalEvent
+    from dgserve.replicas.ep_engine import build_ep_engine
+
+    cfg = EngineConfig(execution="fast", kv_cache_memory=4 << 20, max_step_tokens=256)
+    ep = build_ep_engine(ckpt, group, placement, engine_config=cfg, idle_poll_s=0.005, stats_sync_every=4)
+    requests = _requests_for(rank, world)
+
+    async def run_all():
+        return await asyncio.gather(*[_consume(ep, r) for r in requests])
+
+    outs = asyncio.run(run_all())
+    group.store.set(f"fast-done/{rank}", "1")
+    group.store.wait([f"fast-done/{r}" for r in range(world)])
+    settled = -1
+    while ep.steps != settled:
+        settled = ep.steps
+        time.sleep(0.2)
+    stats = ep.stats()
+    ep.shutdown()
+    single = Engine(full.model, full.generation, None, cfg)
+    for r in requests:
+        single.add_request(r)
+    alone: dict[str, list[int]] = {}
+    while single.has_work():
+        for ev in single.step():
+            if isinstance(ev, CanvasEvent):
+                alone.setdefault(ev.request_id, []).extend(ev.token_ids)
+            elif isinstance(ev, FinalEvent):
+                alone.setdefault(ev.request_id, [])
+    result.update(fast_requests=len(requests), fast_finals=[final.finish_reason for _, final in outs],
+                  fast_lengths_ok=[len(t) == r.max_tokens for r, (t, _) in zip(requests, outs, strict=True)],
+                  fast_tokens_equal=[t == alone[r.request_id] for r, (t, _) in zip(requests, outs, strict=True)],
+                  fast_steps=stats["ep_steps"], fast_execution=ep.engine.execution)
+
+
 def _failure_scenarios(rank, world, group, ckpt, placement, result):
     """EP=2 only: a collective that times out fails the request; a dead peer fails it at once."""
     from dgserve.cluster.process_group import sub_group
@@ -274,7 +314,8 @@ def _failure_scenarios(rank, world, group, ckpt, placement, result):
 
     cfg = EngineConfig(kv_cache_memory=2 << 20)
     long_request = GenerationRequest(prompt_ids=[7, 8, 9], max_tokens=4000, seed=1, ignore_eos=True,
-                                     sampling=SamplingParams(max_denoising_steps=48), request_id="long")
+                                     fit_max_tokens=True, sampling=SamplingParams(max_denoising_steps=48),
+                                     request_id="long")  # capped to what the small cache holds: long enough
     # (a) peer alive but not taking part: rank 0's first collective times out after 2 s
     short = sub_group(group, timeout_s=2.0)
     if rank == 0:
@@ -345,6 +386,8 @@ def group_worker(rank: int, world: int, port: int, ckpt: str, out_dir: str, back
                              sub)
             result["engine"] = sub
             result["t"].append(("engine", time.monotonic() - t0))
+        if "fast" in scenarios:
+            _fast_engine_scenario(rank, world, group, full, ckpt, placements["contiguous"], result)
         if "failure" in scenarios:
             _failure_scenarios(rank, world, group, ckpt, placements["contiguous"], result)
     except BaseException as exc:  # reported to the parent, which fails the test with it
@@ -354,7 +397,8 @@ def group_worker(rank: int, world: int, port: int, ckpt: str, out_dir: str, back
 
 
 def run_group(world: int, ckpt: Path, tmp_path: Path, backend: str = "gloo", scenarios: str = "engine",
-              timeout_s: float = 150.0) -> list[dict]:
+              timeout_s: float = 150.0, worker=group_worker) -> list[dict]:
+    """Spawn ``world`` ranks of ``worker`` (same arguments as :func:`group_worker`); their JSON results."""
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
@@ -363,8 +407,8 @@ def run_group(world: int, ckpt: Path, tmp_path: Path, backend: str = "gloo", sce
     env_threads = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
-        procs = [ctx.Process(target=group_worker, args=(r, world, master.port, str(ckpt), str(tmp_path), backend,
-                                                         scenarios)) for r in range(world)]
+        procs = [ctx.Process(target=worker, args=(r, world, master.port, str(ckpt), str(tmp_path), backend,
+                                                   scenarios)) for r in range(world)]
         for p in procs:
             p.start()
     finally:
@@ -421,8 +465,14 @@ def _check_group(results: list[dict], world: int, exact: bool = False) -> None:
 
 @pytest.mark.slow  # W spawned processes, each importing torch and loading the model
 def test_ep2_gloo_matches_single_process_and_fails_cleanly(tiny_ckpt, tmp_path):
-    results = run_group(2, tiny_ckpt, tmp_path, scenarios="engine,failure")
+    results = run_group(2, tiny_ckpt, tmp_path, scenarios="engine,fast,failure")
     _check_group(results, 2, exact=True)
+    for res in results:  # fast execution over the group too
+        assert res["fast_execution"] == "fast"
+        assert res["fast_finals"] == ["length"] * res["fast_requests"]
+        assert res["fast_lengths_ok"] == [True] * res["fast_requests"]
+        assert res["fast_tokens_equal"] == [True] * res["fast_requests"]
+    assert len({res["fast_steps"] for res in results}) == 1  # lockstep
     reason, error = results[0]["timeout_final"]
     assert reason == "error" and "EP rank 0 failed" in error, error
     assert "timed out" in error.lower(), error  # the group's 2 s collective timeout ended it, not a hang's deadline

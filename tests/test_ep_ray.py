@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+import recording
 import torch
+from recording import RecordingEPReplica
 
 from dgserve.engine.request import CanvasEvent, FinalEvent, GenerationRequest
 from dgserve.model.generation_config import SamplingParams
@@ -33,8 +35,11 @@ def tiny(tmp_path_factory):
 
 
 def _deploy(world: int, ckpt: Path, record_dir: Path, name: str, placement: str = "contiguous"):
-    """The production EP deployment (what ``build_app`` serves behind the ingress), alone."""
-    from ray import serve
+    """The production EP deployment (what ``build_app`` serves behind the ingress), alone, with its rank class
+    subclassed to save every step's logits (the subclass travels to the Ray workers by value)."""
+    from ray import cloudpickle, serve
+
+    cloudpickle.register_pickle_by_value(recording)
 
     from dgserve.config import DeployConfig
     from dgserve.routing.app import replica_deployment
@@ -44,8 +49,8 @@ def _deploy(world: int, ckpt: Path, record_dir: Path, name: str, placement: str 
         "replicas": {"num_replicas": 1, "ep_size": world, "ep_placement": placement, "ep_collective_timeout_s": 20.0,
                      "num_cpus": 0.25, "health_check_period_s": 1.0}})
     started = time.monotonic()
-    handle = serve.run(replica_deployment(config).bind(config.replica_slice(), record_logits_dir=str(record_dir),
-                                                        torch_threads=1),
+    handle = serve.run(replica_deployment(config, RecordingEPReplica).bind(
+                           config.replica_slice(), record_dir=str(record_dir), torch_threads=1),
                        name=name, route_prefix=None)
     log.info("EP=%d gang up in %.1fs", world, time.monotonic() - started)
     return handle
@@ -135,8 +140,9 @@ def test_killing_a_rank_restarts_the_gang(ep2, tiny):
     from ray.exceptions import RayError
 
     handle, _ = ep2
+    # as long as the KV cache allows (fit_max_tokens: the engine lowers max_tokens to that, ~127 canvases)
     long = GenerationRequest(prompt_ids=[5, 6, 7], max_tokens=100_000, seed=1, ignore_eos=True, request_id="long",
-                             sampling=SamplingParams(max_denoising_steps=48))
+                             sampling=SamplingParams(max_denoising_steps=48), fit_max_tokens=True)
     probe = _requests(1, "probe", seed=3)[0]
 
     async def run():

@@ -226,3 +226,28 @@ def test_fast_engine_prefix_cache_chunked_prefill_preemption_and_cancellation(ti
         roomy = Engine(tiny.model, tiny.generation, None, EngineConfig(execution="fast", kv_cache_memory=32 << 20))
         alone, _, _ = _drive(roomy, [r])
         assert alone[r.request_id] == tokens[r.request_id]
+
+
+def test_execution_flag_reaches_generate_run_and_batch(capsys):
+    """``--execution`` on the three commands: generate runs the request through the fast engine (or the exact
+    single-request loop), run and batch put it in their engine configuration."""
+    import json
+
+    from dgserve.deploy import cmd_batch, cmd_generate, cmd_run
+    from dgserve.deploy.batch import BatchJob
+
+    for mode in ("fast", "exact"):
+        args = cmd_generate.GenerateArgs(prompt="sort 5 2 8 1", chat=True, seed=3, json_output=True, execution=mode)
+        assert cmd_generate.run(args) == 0
+        out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert out["text"] == "1 2 5 8" and out["finish_reason"] == "stop", (mode, out)
+    config = cmd_run._deploy_config(cmd_run.RunArgs(execution="fast"))
+    assert config.engine.execution == "fast"
+    assert cmd_run._deploy_config(cmd_run.RunArgs()).engine.execution == "auto"
+    assert BatchJob(model="tiny", input="in.jsonl", output="out.jsonl", execution="fast").execution == "fast"
+    parser = __import__("argparse").ArgumentParser()
+    sub = parser.add_subparsers()
+    for module in (cmd_generate, cmd_run, cmd_batch):
+        module.add_parser(sub)
+    assert parser.parse_args(["run", "--execution", "fast"]).execution == "fast"
+    assert parser.parse_args(["batch", "--input", "a", "--output", "b", "--execution", "exact"]).execution == "exact"

@@ -11,111 +11,29 @@
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from bench.op_log import STEADY_SAMPLING, OpLog, denoise_rows, forward_ops, meta_model, step_input
 from dgserve.engine import fast_step as fs
 from dgserve.engine.engine import Engine, EngineConfig
 from dgserve.engine.kv_pages import KVPagePool
 from dgserve.engine.request import GenerationRequest
-from dgserve.engine.runner import FastRunner, Row
+from dgserve.engine.runner import FastRunner
 from dgserve.model.checkpoint import load
-from dgserve.model.config import PRESETS
 from dgserve.model.diffusion_gemma import DiffusionGemma
 from dgserve.model.generation_config import SamplingParams
 from dgserve.model.layers import TransformerLayer
-
-# ops that only make views or change metadata: no kernel launch on a GPU
-VIEW_OPS = {"view", "_unsafe_view", "reshape", "transpose", "permute", "expand", "slice", "select", "unsqueeze",
-            "squeeze", "t", "as_strided", "detach", "alias", "split", "chunk", "unbind", "split_with_sizes",
-            "lift_fresh", "_reshape_alias", "view_as", "contiguous"}
-# ops that read a tensor's value on the host, or whose output size depends on values (a sync on a GPU)
-SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "bincount", "multinomial", "unique", "_unique2",
-            "unique_consecutive", "unique_dim", "masked_select", "is_nonzero", "equal", "allclose", "repeat_interleave",
-            "tolist", "_assert_async"}
-SAMPLING = SamplingParams(max_denoising_steps=16)
-
-
-class OpLog(TorchDispatchMode):
-    """Records every aten op with its arguments' devices; ``launching`` leaves out views and no-op casts."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: collections.Counter[str] = collections.Counter()
-        self.sync: list[str] = []
-        self.cross_device: list[str] = []
-        self.uses: collections.Counter[int] = collections.Counter()  # id(tensor argument) -> ops using it
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func.overloadpacket.__name__
-        out = func(*args, **kwargs)
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-        for a in tensors:
-            self.uses[id(a)] += 1
-        if name in SYNC_OPS or (name in ("index", "index_put_", "index_put") and any(
-                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else []))):
-            self.sync.append(name)
-        if len({a.device for a in tensors} | ({out.device} if isinstance(out, torch.Tensor) else set())) > 1:
-            self.cross_device.append(name)
-        no_op_cast = name in ("to", "type_as") and out is (args[0] if args else None)
-        if name not in VIEW_OPS and not no_op_cast:
-            self.ops[name] += 1
-        return out
-
-    @property
-    def launching(self) -> int:
-        return sum(self.ops.values())
-
-
-def _meta_model(preset: str) -> DiffusionGemma:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("meta"):
-            return DiffusionGemma(PRESETS[preset])
-    finally:
-        torch.set_default_dtype(old)
 
 
 @pytest.fixture(scope="module")
 def published():
     """The published 26B-A4B model on the meta device (no memory), bf16, with a small meta KV pool."""
-    model = _meta_model("diffusiongemma-26b-a4b")
+    model = meta_model("diffusiongemma-26b-a4b")
     cfg = model.config
     pool = KVPagePool(cfg, 256, 256, block_size=16, dtype=torch.bfloat16, device="meta",
                       scratch_tokens=cfg.canvas_length)
     return model, pool, FastRunner(model, pool, num_slots=64)
-
-
-def _rows(runner: FastRunner, n: int, prefix: int = 300) -> list[Row]:
-    c = runner.canvas
-    table = runner.pool.new_table()
-    assert runner.pool.ensure_capacity(table, prefix + c)
-    table.mark_written(prefix)
-    return [Row(fs.DENOISE, i, prefix, table, c, fresh=False, cur_step=5, sampling=SAMPLING, seed=i)
-            for i in range(n)]
-
-
-def _step_input(runner: FastRunner, rows: list[Row]) -> tuple[fs.StepLayout, torch.Tensor]:
-    s = runner.row_bucket(len(rows))
-    layout = fs.StepLayout.build(runner.model, runner.block_size, runner.context_bucket(rows))
-    return layout, torch.from_numpy(runner._pack(rows, s, layout)).to(runner.device)
-
-
-def _forward_ops(runner: FastRunner, n: int) -> OpLog:
-    layout, inp = _step_input(runner, _rows(runner, n))
-    with torch.inference_mode():
-        x = fs.step_inputs(runner.model, layout, inp, runner.state, runner.scratch)
-        runner.model.forward_canvases(x.batch, runner.pool.k_flat, runner.pool.v_flat)  # first use: device tables
-        log = OpLog()
-        with log:
-            hidden = runner.model.forward_canvases(x.batch, runner.pool.k_flat, runner.pool.v_flat)
-    assert hidden.shape == (runner.row_bucket(n), runner.canvas, runner.model.config.text.hidden_size)
-    return log
 
 
 def test_published_fast_forward_runs_on_meta_with_few_launching_ops(published):
@@ -123,11 +41,11 @@ def test_published_fast_forward_runs_on_meta_with_few_launching_ops(published):
     most 2,500 launching ops for one canvas (the exact path's packed forward: ~4,600) and at most 5 more per
     added canvas (exact: ~195), none of them sync-class or cross-device."""
     _, _, runner = published
-    one = _forward_ops(runner, 1)
+    one = forward_ops(runner, 1)
     assert not one.sync and not one.cross_device, (one.sync, one.cross_device)
     assert one.launching <= 2500, one.ops.most_common(12)
     for n in (2, 8, 64):
-        more = _forward_ops(runner, n)
+        more = forward_ops(runner, n)
         assert more.launching - one.launching <= 5 * (n - 1), (n, more.launching, one.launching)
 
 
@@ -137,8 +55,8 @@ def test_published_fast_step_has_no_sync_ops_and_two_vocab_gemms_per_canvas(publ
     canvas (logits and soft embeddings; the exact sampler's 16-row chunks make 32) plus the token lookup."""
     model, pool, runner = published
     for n in (1, 4):
-        rows = _rows(runner, n)
-        layout, inp = _step_input(runner, rows)
+        rows = denoise_rows(runner, n)
+        layout, inp = step_input(runner, rows)
         log = OpLog()
         with torch.inference_mode(), log:
             out = fs.fast_step(model, runner.algorithm, layout, inp, runner.state, pool.k_flat, pool.v_flat,
@@ -155,7 +73,7 @@ def test_engine_steady_state_step_copies_once_each_way():
     engine = Engine(tiny.model, tiny.generation, None, EngineConfig(execution="fast", kv_cache_memory=16 << 20))
     for i in range(3):
         engine.add_request(GenerationRequest(prompt_ids=[5, 6, 7 + i], max_tokens=64, seed=i, ignore_eos=True,
-                                             sampling=SAMPLING, request_id=f"r{i}"))
+                                             sampling=STEADY_SAMPLING, request_id=f"r{i}"))
     for _ in range(3):
         engine.step()
     before = (engine.forwards, engine.runner.transfers_to_host, engine.runner.transfers_to_device)
@@ -172,7 +90,7 @@ def test_layer_fast_forward_has_no_graph_breaks(layer_index):
     model, cfg = tiny.model, tiny.config
     pool = KVPagePool(cfg, 32, 32, block_size=16, dtype=model.dtype, scratch_tokens=cfg.canvas_length)
     runner = FastRunner(model, pool, num_slots=4)
-    layout, inp = _step_input(runner, _rows(runner, 2, prefix=40))
+    layout, inp = step_input(runner, denoise_rows(runner, 2, prefix=40))
     with torch.inference_mode():
         x = fs.step_inputs(model, layout, inp, runner.state, runner.scratch)
         layer = model.layers[layer_index]

@@ -51,6 +51,7 @@ def offline(cache: Path) -> dict[str, str]:
     return {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "HF_TOKEN": ""}
 
 
+@pytest.mark.slow  # runs the dgserve console script in a subprocess
 def test_a_model_id_loads_from_the_cache_offline(hub_cache) -> None:
     args = ["generate", "--prompt", "sort 3 1 2", "--chat", "--json", "--seed", "0", "--max-tokens", "32"]
     by_id = json.loads(dgserve(*args, "--model", REPO, env=offline(hub_cache)).stdout)
@@ -61,6 +62,7 @@ def test_a_model_id_loads_from_the_cache_offline(hub_cache) -> None:
     assert v2["stats"]["denoise_steps"] == v2["stats"]["canvases"]  # v2's generation_config: one step each
 
 
+@pytest.mark.slow  # runs the dgserve console script in a subprocess
 def test_missing_from_the_cache_offline_is_one_clear_line(hub_cache) -> None:
     line = one_line_error(dgserve("generate", "--prompt", "hi", "--model", "google/not-cached",
                                   env=offline(hub_cache)), "generate")
@@ -70,6 +72,7 @@ def test_missing_from_the_cache_offline_is_one_clear_line(hub_cache) -> None:
     assert f"{REPO} at revision v9: not in the local Hugging Face cache" in revision
 
 
+@pytest.mark.slow  # runs the dgserve console script in a subprocess
 def test_the_ingress_needs_only_the_metadata_files(tmp_path, hub_cache) -> None:
     """``load_metadata`` (what the ingress calls) asks for config, generation config and tokenizer files only."""
     cache = tmp_path / "hub"

@@ -84,23 +84,44 @@ def deploy_app(serve_http):
         serve.delete(name)
 
 
-async def _load(url: str, n: int, max_tokens: int, concurrency: int) -> list[int]:
+async def _load(url: str, n: int, max_tokens: int, concurrency: int, model: str = "tiny-random",
+                image_every: int = 0) -> list[int]:
+    """``n`` completions; with ``image_every``, every that many a chat with an image instead."""
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=300) as client:
         async def one(i: int) -> int:
             async with sem:
-                r = await client.post(url + "/v1/completions", json={
-                    "model": "tiny-random", "prompt": f"shared system prompt {i % 3}", "max_tokens": max_tokens,
-                    "seed": i})
+                if image_every and i % image_every == 0:
+                    image = {"type": "image_url", "image_url": {"url": _png_url(i)}}
+                    r = await client.post(url + "/v1/chat/completions", json={
+                        "model": model, "messages": [{"role": "user", "content": [image]}], "max_tokens": max_tokens,
+                        "seed": i})
+                else:
+                    r = await client.post(url + "/v1/completions", json={
+                        "model": model, "prompt": f"shared system prompt {i % 3}", "max_tokens": max_tokens,
+                        "seed": i})
                 return r.status_code
         return await asyncio.gather(*(one(i) for i in range(n)))
 
 
-def test_every_dashboard_query_returns_data(deploy_app, prometheus):
+def _png_url(seed: int) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40 + seed % 7, 32), (seed % 256, 90, 160)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_every_dashboard_query_returns_data(deploy_app, prometheus, vision_reference):
+    # a checkpoint with a vision tower, so that the image panels have data too
     url = deploy_app("metrics-app", {
+        "model": {"path": str(vision_reference[1]), "served_name": "vision"},
         "replicas": {"num_replicas": 1, "num_cpus": 0.5},
         "engine": {"kv_cache_memory": 16 << 20, "max_running": 4, "max_waiting": 2}})
-    codes = asyncio.run(_load(url, 16, 64, concurrency=8))
+    codes = asyncio.run(_load(url, 16, 64, concurrency=8, model="vision", image_every=4))
     assert 200 in codes
     queries = all_panel_queries()
     assert len(queries) > 10
@@ -109,7 +130,8 @@ def test_every_dashboard_query_returns_data(deploy_app, prometheus):
     while missing and time.time() < deadline:
         missing = [q for q in missing if not _query(prometheus, q)]
         if missing:
-            asyncio.run(_load(url, 4, 32, concurrency=4))  # keep rates non-zero while Prometheus catches up
+            # keep rates non-zero while Prometheus catches up
+            asyncio.run(_load(url, 4, 32, concurrency=4, model="vision", image_every=2))
             time.sleep(1)
     assert not missing, f"{len(missing)} panel queries returned no data, e.g. {missing[:3]}"
 

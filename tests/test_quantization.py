@@ -302,6 +302,7 @@ def test_deploy_config_takes_quantization_and_checks_it():
         DeployConfig.from_args({"model": {"quantization": "int4"}})
 
 
+@pytest.mark.slow  # subprocesses
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU-only machine's message")
 @pytest.mark.parametrize("command", ["run", "generate", "batch"])
 def test_cli_fp8_on_a_cpu_only_machine_says_what_it_needs(command, tmp_path):
@@ -313,6 +314,7 @@ def test_cli_fp8_on_a_cpu_only_machine_says_what_it_needs(command, tmp_path):
     assert "needs --quantization fp8" in line
 
 
+@pytest.mark.slow  # a subprocess
 def test_cli_generate_with_the_fp8_emulation():
     proc = dgserve("generate", "--prompt", "sort 5 2 8 1", "--chat", "--quantization", "fp8", "--fp8-emulation",
                    "--json", "--seed", "0")

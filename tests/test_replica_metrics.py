@@ -145,3 +145,14 @@ def test_real_serve_metrics_without_a_running_ray(caplog):
         metrics.on_failover()
     # the on_* methods swallow errors (metrics never fail a request) and log them: none may have happened
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+def test_image_metrics(rm):
+    metrics, reg = rm
+    metrics.on_final(FinalEvent("t", "stop", RequestStats(prompt_tokens=5, new_tokens=1)))  # text only
+    assert val(reg, "dgserve_images") is None and not reg["dgserve_images_per_request"].observations
+    metrics.on_final(FinalEvent("i", "stop", RequestStats(prompt_tokens=90, images=2, vision_seconds=0.03)))
+    metrics.on_final(FinalEvent("j", "length", RequestStats(prompt_tokens=50, images=1, vision_seconds=0.01)))
+    assert val(reg, "dgserve_images") == 3
+    assert reg["dgserve_images_per_request"].observations == [2, 1]
+    assert reg["dgserve_vision_encoder_seconds"].observations == [0.03, 0.01]

@@ -14,6 +14,7 @@ the reason; the errors file describes the rows of the latest run that failed.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -24,11 +25,15 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError, model_validator
 
-from dgserve.config import DEFAULT_MODEL
+from dgserve.config import DEFAULT_MODEL, ImageSettings
+from dgserve.routing.openai_protocol import ChatMessage, image_urls
+
+if TYPE_CHECKING:
+    from dgserve.engine.request import PromptImage
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +70,12 @@ class BatchJob(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     quantization: Literal["none", "fp8"] = Field("none", description="fp8: FP8 weights (dgserve.model.quantization)")
     fp8_emulation: bool = Field(False, description="with fp8 on CPU workers: emulate the FP8 arithmetic")
+    vision: Literal["auto", "off"] = Field("auto", description="auto: rows may hold image_url parts (a checkpoint "
+                                           "with a vision tower); off: text only")
+    images: ImageSettings = ImageSettings()
     kv_cache_memory: int | None = Field(None, gt=0, description="bytes per worker; default: the engine's "
                                                                 "(EngineConfig.kv_cache_memory)")
+    execution: Literal["auto", "exact", "fast"] = Field("auto", description="the engines' execution mode")
     flush_rows: int = Field(256, ge=1, description="rows per part file")
     flush_seconds: float = Field(10.0, gt=0.0, description="longest wait before results are made durable")
 
@@ -148,13 +157,6 @@ def derive_seed(seed: int, key: str) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # Input rows
 # ----------------------------------------------------------------------------------------------------------------
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    role: StrictStr
-    content: StrictStr
 
 
 class InputRow(BaseModel):
@@ -254,20 +256,38 @@ class EngineWorker:
         torch.set_num_threads(max(1, int(self.job.worker_cpus)))
         device = "cuda" if self.job.worker_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.loaded = load(self.job.model, dtype=self.job.dtype, device=device, revision=self.job.revision,
-                           quantization=self.job.quantization, fp8_emulation=self.job.fp8_emulation)
+                           vision=self.job.vision, quantization=self.job.quantization,
+                           fp8_emulation=self.job.fp8_emulation)
         if self.loaded.tokenizer is None:
             raise RuntimeError(f"{self.job.model}: the checkpoint has no tokenizer.json, so prompts cannot be "
                                "encoded")
+        vision = self.loaded.vision
         self._make_engine = lambda: Engine(self.loaded.model, self.loaded.generation, self.loaded.tokenizer,
                                            EngineConfig(kv_cache_memory=self.job.kv_cache_memory,
+                                                        execution=self.job.execution,
                                                         max_running=min(self.job.batch_size, 256),
-                                                        max_waiting=max(self.job.batch_size, 1)))
+                                                        max_waiting=max(self.job.batch_size, 1)), vision=vision)
         self.engine = self._make_engine()
-        self.prompts = PromptEncoder(self.loaded.config, self.loaded.tokenizer)  # the API's encoding and checks
+        # the API's encoding and checks, image parts included
+        self.prompts = PromptEncoder(self.loaded.config, self.loaded.tokenizer, vision.spec if vision else None,
+                                     self.job.images, vision_off=self.job.vision == "off")
         self.sampling = self.loaded.generation.sampling
         if self.job.steps is not None:
             self.sampling = self.sampling.model_copy(update={"max_denoising_steps": self.job.steps})
         self.context = self.loaded.config.text.max_position_embeddings
+
+    def _prompt(self, request: dict[str, Any]) -> tuple[list[int], tuple[PromptImage, ...]]:
+        """A row's prompt ids (and images: a chat's image_url parts, loaded and expanded as the API does)."""
+        from dgserve.routing.images import ImageURL
+
+        if "messages" not in request:
+            return self.prompts.encode(request["prompt"]), ()
+        chat = [ChatMessage.model_validate(m) for m in request["messages"]]
+        messages = [m.for_template() for m in chat]
+        urls = [ImageURL(url, where) for url, where in image_urls(chat)]
+        if not urls:
+            return self.prompts.encode_chat(messages), ()
+        return asyncio.run(self.prompts.encode_chat_with_images(messages, urls))
 
     @staticmethod
     def _actor_id() -> str:
@@ -291,10 +311,7 @@ class EngineWorker:
                 continue
             request = json.loads(row["request"])
             try:
-                if "messages" in request:
-                    ids = self.prompts.encode_chat(request["messages"])
-                else:
-                    ids = self.prompts.encode(request["prompt"])
+                ids, images = self._prompt(request)
                 max_tokens = request.get("max_tokens", self.job.max_tokens)
                 if len(ids) + max_tokens > self.context:
                     raise PromptTooLong(f"{len(ids)} prompt tokens + max_tokens {max_tokens} > the model's context "
@@ -303,7 +320,7 @@ class EngineWorker:
                 if seed is None and self.job.seed is not None:
                     seed = derive_seed(self.job.seed, row["key"])
                 self.engine.add_request(GenerationRequest(prompt_ids=ids, max_tokens=max_tokens, seed=seed,
-                                                          sampling=self.sampling, request_id=rid))
+                                                          sampling=self.sampling, request_id=rid, images=images))
             except PromptTooLong as exc:
                 results[rid] = {"error": f"prompt too long: {exc}"}
                 continue

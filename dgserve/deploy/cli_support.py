@@ -6,6 +6,9 @@ from __future__ import annotations
 import re
 
 DEVICES = ("auto", "cpu", "cuda")
+EXECUTION_HELP = ("exact: bit-identical to the reference on CPU fp32 and batch-invariant; fast: static-shape rows, "
+                  "no host syncs, compiled and CUDA-graphed on a GPU, counter-based sampling (default auto: fast on "
+                  "CUDA, exact elsewhere)")
 THREADS_HELP = ("torch CPU threads (default 1: on a busy machine more threads than free cores make every step "
                 "many times slower; outputs depend on the count, so keep it fixed to reproduce a seed)")
 

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from dgserve.config import DEFAULT_MODEL
 from dgserve.deploy.batch import BatchError, BatchJob, Progress, run_batch
-from dgserve.deploy.cli_support import UsageError, add_quantization_args
+from dgserve.deploy.cli_support import EXECUTION_HELP, UsageError, add_quantization_args
 
 BAR_WIDTH = 24
 
@@ -112,9 +112,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weight and activation dtype (default float32)")
     add_quantization_args(p)
+    p.add_argument("--vision", default="auto", choices=["auto", "off"],
+                   help="auto: chat rows may hold image_url parts (data: URLs); off: text only, no vision weights")
     p.add_argument("--kv-cache-memory", type=int, help="KV cache bytes per engine (default: what the engine's "
                                                        "running sequences at full context need, at most half the "
                                                        "free memory)")
+    p.add_argument("--execution", default="auto", choices=["auto", "exact", "fast"], help=EXECUTION_HELP)
     p.add_argument("--flush-rows", type=int, default=256, help="rows per durable part file (default 256)")
     p.add_argument("--flush-seconds", type=float, default=10.0, help="longest wait before results are durable")
     p.add_argument("--quiet", action="store_true", help="no progress line")

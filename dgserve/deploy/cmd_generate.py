@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dgserve.config import DEFAULT_MODEL
 from dgserve.deploy.cli_support import (
     DEVICES,
+    EXECUTION_HELP,
     THREADS_HELP,
     UsageError,
     add_quantization_args,
@@ -34,6 +36,7 @@ class GenerateArgs(BaseModel):
     threads: int = Field(1, ge=1, le=1024)
     quantization: str = "none"
     fp8_emulation: bool = False
+    execution: Literal["auto", "exact", "fast"] = "auto"
 
     @field_validator("device")
     @classmethod
@@ -44,6 +47,7 @@ class GenerateArgs(BaseModel):
 def run(args: GenerateArgs) -> int:
     import torch
 
+    from dgserve.engine.engine import resolve_execution
     from dgserve.engine.single import generate_single
     from dgserve.model.checkpoint import load
     from dgserve.model.tokenizer import check_no_image_tokens
@@ -61,10 +65,13 @@ def run(args: GenerateArgs) -> int:
     sampling = loaded.generation.sampling
     if args.steps is not None:
         sampling = sampling.model_copy(update={"max_denoising_steps": args.steps})
-    with torch.inference_mode():
-        result = generate_single(loaded.model, prompt_ids, max_tokens=args.max_tokens, seed=args.seed,
-                                 sampling=sampling, eos_token_ids=loaded.generation.eos_token_ids,
-                                 pad_token_id=loaded.generation.pad_token_id)
+    if resolve_execution(args.execution, loaded.model.device) == "fast":
+        result = _generate_fast(loaded, prompt_ids, args, sampling)
+    else:
+        with torch.inference_mode():
+            result = generate_single(loaded.model, prompt_ids, max_tokens=args.max_tokens, seed=args.seed,
+                                     sampling=sampling, eos_token_ids=loaded.generation.eos_token_ids,
+                                     pad_token_id=loaded.generation.pad_token_id)
     text = tok.decode(result.token_ids)
     if args.json_output:
         stats = result.stats.as_dict()
@@ -76,6 +83,28 @@ def run(args: GenerateArgs) -> int:
     else:
         print(text)
     return 0
+
+
+def _generate_fast(loaded, prompt_ids: list[int], args: GenerateArgs, sampling):
+    """The request through the engine in fast mode (the single-request loop is the exact path)."""
+    from dgserve.engine.engine import Engine, EngineConfig
+    from dgserve.engine.request import CanvasEvent, FinalEvent, GenerationRequest
+    from dgserve.engine.single import SingleResult
+
+    engine = Engine(loaded.model, loaded.generation, None, EngineConfig(execution="fast", max_running=1))
+    engine.add_request(GenerationRequest(prompt_ids=prompt_ids, max_tokens=args.max_tokens, seed=args.seed,
+                                         sampling=sampling, request_id="generate"))
+    ids: list[int] = []
+    final: FinalEvent | None = None
+    for ev in engine.run_until_done():
+        if isinstance(ev, CanvasEvent):
+            ids.extend(ev.token_ids)
+        elif isinstance(ev, FinalEvent):
+            final = ev
+    assert final is not None
+    if final.finish_reason == "error":
+        raise UsageError(f"generation failed: {final.error}")
+    return SingleResult(token_ids=ids, finish_reason=final.finish_reason, stats=final.stats)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -96,4 +125,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--device", default="cpu", help=f"{', '.join(DEVICES)} or cuda:N (default cpu)")
     g.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
     add_quantization_args(g)
+    g.add_argument("--execution", default="auto", choices=["auto", "exact", "fast"], help=EXECUTION_HELP)
     g.set_defaults(handler=lambda ns: run(GenerateArgs(**ns)))

@@ -8,12 +8,14 @@ import os
 import signal
 import socket
 import threading
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dgserve.config import DEFAULT_MODEL
 from dgserve.deploy.cli_support import (
     DEVICES,
+    EXECUTION_HELP,
     THREADS_HELP,
     UsageError,
     add_quantization_args,
@@ -44,6 +46,8 @@ class RunArgs(BaseModel):
     kv_cache_memory: int | None = Field(None, ge=1 << 20)
     quantization: str = "none"
     fp8_emulation: bool = False
+    vision: Literal["auto", "off"] = "auto"
+    execution: Literal["auto", "exact", "fast"] = "auto"
 
     @field_validator("device")
     @classmethod
@@ -61,11 +65,12 @@ def _deploy_config(args: RunArgs):
         return load_deploy_config(args.config)  # errors name the file and the field, as `dgserve build` does
     return DeployConfig.from_args({
         "model": {"path": args.model, "revision": args.revision, "dtype": args.dtype, "device": args.device,
-                  "quantization": args.quantization, "fp8_emulation": args.fp8_emulation},
+                  "vision": args.vision, "quantization": args.quantization, "fp8_emulation": args.fp8_emulation},
         # Ray sets a replica's torch threads (OMP_NUM_THREADS) from the CPUs it reserves: max(1, int(num_cpus))
         "replicas": {"num_replicas": args.replicas, "ep_size": args.ep_size,
                      "num_cpus": ONE_THREAD_CPUS if args.threads == 1 else float(args.threads)},
-        "engine": {"kv_cache_memory": args.kv_cache_memory},  # None: the engine's default size
+        "engine": {"kv_cache_memory": args.kv_cache_memory,  # None: the engine's default size
+                   "execution": args.execution},
         "http": {"host": args.host, "port": args.port},
     })
 
@@ -105,7 +110,7 @@ def run(args: RunArgs) -> int:
     if embedded:  # FP8 matmuls need a CUDA GPU here; the CPU emulation only when asked for
         check_quantization(config.model.quantization, config.model.fp8_emulation, config.model.device,
                            config.model.dtype)
-    load_metadata(config.model.path, config.model.revision)
+    load_metadata(config.model.path, config.model.revision, vision=config.model.vision)
     if embedded:  # on a cluster, the port is the head's
         check_port_free(config.http.host, config.http.port)
 
@@ -175,4 +180,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="KV cache bytes per replica (default: what max_running sequences at the model's full context "
                         "need, at most half of the free memory)")
     add_quantization_args(p)
+    p.add_argument("--vision", default="auto", choices=["auto", "off"],
+                   help="auto: load the checkpoint's vision tower (if any) and accept images; off: text only")
+    p.add_argument("--execution", default="auto", choices=["auto", "exact", "fast"], help=EXECUTION_HELP)
     p.set_defaults(handler=lambda ns: run(RunArgs(**ns)))

@@ -222,6 +222,13 @@ def engine() -> dict:
             field_defaults={"min": 0, "max": 1}),
         _timeseries(L, "KV cache memory", [
             (f"sum by (state) ({m('dgserve_kv_cache_bytes')}{{{_SEL}}})", "{{state}}")], unit="bytes"),
+        _timeseries(L, "Image inputs", [
+            (rate("dgserve_images"), "images/s"),
+            (mean_of("dgserve_images_per_request"), "images per request (requests with images)")], unit="short"),
+        _timeseries(L, "Vision encoder time per request", [
+            (mean_of("dgserve_vision_encoder_seconds"), "mean"),
+            (quantile(0.9, "dgserve_vision_encoder_seconds"), "p90")], unit="s",
+            description="Vision tower time spent on a request's images (its share of the batched runs)."),
         _timeseries(L, "Prefix-cache hit rate", [
             (f"avg by (replica) ({m('dgserve_prefix_cache_hit_rate')}{{{_SEL}}})", per_replica)],
             unit="percentunit", field_defaults={"min": 0, "max": 1}),

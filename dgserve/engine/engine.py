@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from dgserve.engine.finish import canvas_outcome, text_ids
 from dgserve.engine.kv_budget import default_kv_budget
 from dgserve.engine.kv_pages import BlockTable, KVPagePool, PagedKV
 from dgserve.engine.prefix_cache import PrefixCache
+from dgserve.engine.prompt_images import check_images, chunk_end, cut_points, key_ids, spans_in
 from dgserve.engine.request import (
     CanvasEvent,
     DraftEvent,
@@ -35,6 +37,7 @@ from dgserve.engine.request import (
     GenerationRequest,
     InvalidRequest,
     MaxTokensTooLarge,
+    PromptImage,
     PromptTooLong,
     RequestStats,
 )
@@ -46,6 +49,7 @@ from dgserve.engine.single import make_generator
 from dgserve.model.checkpoint import GenerationDefaults
 from dgserve.model.diffusion_gemma import DiffusionGemma
 from dgserve.model.kv import Segment
+from dgserve.model.vision_checkpoint import LoadedVision
 
 log = logging.getLogger(__name__)
 
@@ -111,24 +115,37 @@ class _Seq:
     noise: concurrent.futures.Future | None = None  # the next step's sampling noise, being drawn from gen
     seed: int = 0  # fast mode: the counter-based randomness' seed
     canvas_started: bool = False  # fast mode: the current canvas has taken at least one step
+    prompt_keys: list[int] = field(default_factory=list)  # the prompt as the prefix cache hashes it (images in)
 
     def next_boundary(self, chunk: int, canvas: int) -> int:
         """End of the next prefill chunk. Boundaries are fixed: the prompt in ``chunk``-sized pieces from
-        position 0, then one piece per committed canvas; so recomputing a request's KV after preemption
-        or failover repeats the original arithmetic exactly, whatever else is running."""
+        position 0 (a piece that would cut an image ends after it), then one piece per committed canvas; so
+        recomputing a request's KV after preemption or failover repeats the original arithmetic exactly,
+        whatever else is running."""
         pos = self.cached_len
         if pos < self.prompt_len:
-            return min(self.prompt_len, (pos // chunk + 1) * chunk)
+            return chunk_end(pos, self.prompt_len, chunk, self.req.images)
         return min(len(self.tokens), self.prompt_len + ((pos - self.prompt_len) // canvas + 1) * canvas)
+
+    def cache_keys(self, end: int) -> list[int]:
+        """The prefix cache's ids of positions ``[0, end)``."""
+        return self.prompt_keys[:end] + self.tokens[self.prompt_len:end]
+
+    def next_images(self, chunk: int, canvas: int) -> list[PromptImage]:
+        """The images of the next prefill chunk."""
+        if not self.req.images or self.cached_len >= self.prompt_len:
+            return []
+        return spans_in(self.req.images, self.cached_len, self.next_boundary(chunk, canvas))
 
 
 class Engine:
     def __init__(self, model: DiffusionGemma, generation: GenerationDefaults, tokenizer=None,
-                 config: EngineConfig | None = None) -> None:
+                 config: EngineConfig | None = None, vision: LoadedVision | None = None) -> None:
         self.model = model
         self.generation = generation
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
+        self.vision = vision
         cfg = model.config
         self.canvas = cfg.canvas_length
         self.vocab = cfg.text.vocab_size
@@ -136,18 +153,27 @@ class Engine:
         fast = self.execution == "fast"
         # fast mode runs every piece of work as a row of at most one canvas: prompts prefill canvas by canvas
         self.prefill_chunk = min(self.config.prefill_chunk, self.canvas) if fast else self.config.prefill_chunk
+        # a prefill chunk ends after an image it would cut, so it may be one image longer than prefill_chunk
+        longest_chunk = self.prefill_chunk + (vision.spec.processor.max_soft_tokens if vision else 0)
         budget = self.config.kv_cache_memory or default_kv_budget(
             cfg, max_running=self.config.max_running, block_size=self.config.block_size,
-            prefill_chunk=self.prefill_chunk, fraction=self.config.kv_cache_fraction, dtype=model.dtype,
+            prefill_chunk=longest_chunk, fraction=self.config.kv_cache_fraction, dtype=model.dtype,
             device=model.device)
         self.pool = KVPagePool.from_budget(cfg, budget, block_size=self.config.block_size, dtype=model.dtype,
                                            device=model.device, max_seqs=self.config.max_running,
-                                           max_chunk=self.prefill_chunk, scratch_tokens=self.canvas if fast else 0)
+                                           max_chunk=longest_chunk, scratch_tokens=self.canvas if fast else 0)
         self.prefix_cache = PrefixCache(self.pool) if self.config.enable_prefix_cache else None
-        self.limits = SchedulerLimits(max_step_tokens=max(self.config.max_step_tokens, self.canvas,
-                                                          self.prefill_chunk),
+        self.limits = SchedulerLimits(max_step_tokens=max(self.config.max_step_tokens, self.canvas, longest_chunk),
                                       max_running=self.config.max_running, canvas=self.canvas,
                                       prefill_chunk=self.prefill_chunk)
+        # the vision encoder's work per image in the step budget's unit (text tokens), by parameter count: each
+        # image runs over the processor's max_patches (padded as the reference does)
+        self._vision_cost = 0.0 if vision is None else (
+            vision.spec.processor.max_patches * sum(p.numel() for p in vision.tower.parameters())
+            / cfg.parameter_counts()["active"])
+        self.vision_images = 0
+        self.vision_runs = 0
+        self.vision_seconds = 0.0
         self.waiting: deque[_Seq] = deque()
         self.running: dict[str, _Seq] = {}
         self._arrivals = 0
@@ -160,8 +186,6 @@ class Engine:
         self.tokens_in_forward: deque[int] = deque(maxlen=256)
         self.completed = 0
         self.preemptions = 0
-        # test/diagnostic hook: called with (request_id, step, final hidden states [C, H]) of every denoise
-        self.on_denoise = None
         prefetch = self.config.sampling_noise_prefetch_bytes
         self._noise = NoisePrefetcher(prefetch) if prefetch and model.device.type == "cpu" and not fast else None
         self.runner: FastRunner | None = None
@@ -183,6 +207,13 @@ class Engine:
             raise InvalidRequest("max_tokens must be at least 1")
         if any(not 0 <= t < self.vocab for t in req.prompt_ids):
             raise InvalidRequest(f"prompt token ids must be in [0, {self.vocab})")
+        if req.images and self.vision is None:
+            raise InvalidRequest("the prompt has images but this engine runs the text model only (the vision tower "
+                                 "is not loaded: vision: off, or a checkpoint without one)")
+        try:
+            check_images(req.prompt_ids, req.images, self.model.config.image_token_id)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from exc
         fits = self.max_tokens_that_fit(req)
         if fits == 0:
             raise PromptTooLong(self._too_large(req, fits))
@@ -222,9 +253,10 @@ class Engine:
         if seed is None:
             seed = req.seed
         seq = _Seq(req=req, arrival=self._arrivals, slot=-1, tokens=[*req.prompt_ids, *req.committed_ids],
-                   gen=gen, stats=RequestStats(prompt_tokens=len(req.prompt_ids)), started=time.perf_counter(),
-                   prompt_len=len(req.prompt_ids),
-                   seed=seed if seed is not None else int(torch.randint(0, 1 << 62, (1,), generator=gen)))
+                   gen=gen, stats=RequestStats(prompt_tokens=len(req.prompt_ids), images=len(req.images)),
+                   started=time.perf_counter(), prompt_len=len(req.prompt_ids),
+                   seed=seed if seed is not None else int(torch.randint(0, 1 << 62, (1,), generator=gen)),
+                   prompt_keys=key_ids(req.prompt_ids, req.images))
         if self.tokenizer is not None:
             seq.decoder = self.tokenizer.incremental_decoder()
             # failover: the text of these tokens was already streamed; prime the decoder canvas by canvas so
@@ -282,22 +314,55 @@ class Engine:
         seqs = [(w, self.running[w.request_id]) for w in ready]
         with torch.inference_mode():
             if self.runner is not None:
-                events.extend(self._forward_fast(seqs))
+                # prefill chunks holding images take the exact packed forward (whole images, their features and
+                # mask); everything else the fast runner's rows
+                imaged = [(w, s) for w, s in seqs
+                          if w.kind == "prefill" and s.next_images(self.prefill_chunk, self.canvas)]
+                if imaged:
+                    events.extend(self._forward_exact(imaged))
+                # an expert-parallel rank runs one forward per step, as its peers do (each forward is a sequence of
+                # collectives): with an image chunk this step, the other rows wait for the next one
+                rest = [] if imaged and self.model.dispatcher.collective else \
+                    [(w, s) for w, s in seqs if all(s is not t for _, t in imaged)]
+                if rest:
+                    events.extend(self._forward_fast(rest))
             else:
                 events.extend(self._forward_exact(seqs))
         self.step_index += 1
         return events
+
+    def _encode_images(self, prefilling: list[_Seq]) -> dict[int, torch.Tensor]:
+        """Run the vision tower once over every image of this step's prefill chunks (one batch across requests);
+        returns each image's features by ``id(PromptImage)``."""
+        owners = [(s, image) for s in prefilling for image in s.next_images(self.prefill_chunk, self.canvas)]
+        if not owners:
+            return {}
+        assert self.vision is not None
+        started = time.perf_counter()
+        features = self.vision.encode([image.image for _, image in owners])
+        seconds = time.perf_counter() - started
+        self.vision_images += len(owners)
+        self.vision_runs += 1
+        self.vision_seconds += seconds
+        for s, _ in owners:
+            s.stats.vision_seconds += seconds / len(owners)
+        return {id(image): f for (_, image), f in zip(owners, features, strict=True)}
 
     def _forward_exact(self, seqs: list[tuple[Work, _Seq]]) -> list[Event]:
         """One packed forward over variable-length segments, then each canvas sampled on its own generator."""
         events: list[Event] = []
         tokens, segments, softs = [], [], []
         any_soft = False
+        features = self._encode_images([s for w, s in seqs if w.kind == "prefill"])
+        image_embeds = []
         for w, s in seqs:
             if w.kind == "prefill":
                 # up to the fixed boundary (a prefix-cache hit at admission may have moved cached_len)
                 ids = s.tokens[s.cached_len:s.next_boundary(self.prefill_chunk, self.canvas)]
-                segments.append(Segment("encode", s.slot, len(ids), s.cached_len))
+                images = s.next_images(self.prefill_chunk, self.canvas)
+                image_embeds.extend(features.pop(id(image)) for image in images)
+                segments.append(Segment("encode", s.slot, len(ids), s.cached_len,
+                                        tuple((image.start, image.end) for image in images)))
                 tokens.append(torch.tensor(ids, dtype=torch.long))
             elif w.kind == "commit":
                 segments.append(Segment("encode", s.slot, self.canvas, s.cached_len))
@@ -316,7 +381,9 @@ class Engine:
             soft = torch.cat([x if x is not None else torch.zeros(self.canvas, h, dtype=self.model.dtype, device=device)
                               for x in softs])
         kv = PagedKV(self.pool, {s.slot: s.table for _, s in seqs})
-        hidden = self.model(torch.cat(tokens).to(device), segments, kv, soft)
+        hidden = self.model(torch.cat(tokens).to(device), segments, kv, soft,
+                            torch.cat(image_embeds) if image_embeds else None)
+        del image_embeds  # the vision encoder's outputs are not kept after the prefill that used them
         self._count_forward(seqs)
         offset = 0
         for (w, s), seg in zip(seqs, segments, strict=True):
@@ -377,7 +444,7 @@ class Engine:
         self.encoder_tokens += length
         s.cached_len += length
         if self.prefix_cache is not None:
-            self.prefix_cache.insert(s.tokens[:s.cached_len], s.table)
+            self.prefix_cache.insert(s.cache_keys(s.cached_len), s.table)
         self.pool.release_out_of_window(s.table, s.cached_len)
         if s.cached_len >= len(s.tokens):
             s.phase = "denoise"
@@ -385,6 +452,11 @@ class Engine:
     # -- internals --------------------------------------------------------------------------------
     def _view(self, s: _Seq) -> SeqView:
         chunk = s.next_boundary(self.prefill_chunk, self.canvas) - s.cached_len
+        if s.req.images:
+            # the vision encoder runs in the step of the chunk holding the images: its work counts in that step's
+            # budget (capped at the whole budget, so such a chunk can always run, alone if it must)
+            chunk += math.ceil(len(s.next_images(self.prefill_chunk, self.canvas)) * self._vision_cost)
+            chunk = min(chunk, self.limits.max_step_tokens)
         if s.phase == "waiting":
             need = self.pool.blocks_needed(len(s.tokens) + self.canvas).full
             return SeqView(s.req.request_id, s.arrival, "waiting", tokens_to_prefill=len(s.tokens), need_blocks=need,
@@ -403,7 +475,8 @@ class Engine:
         cached = 0
         if self.prefix_cache is not None:
             # leave a whole block to compute: a cache hit then gives a cold run's bits (see PrefixCache.match)
-            match = self.prefix_cache.match(s.tokens, min_tail=self.pool.block_size)
+            match = self.prefix_cache.match(s.cache_keys(len(s.tokens)), min_tail=self.pool.block_size,
+                                            avoid=cut_points(s.req.images))
             self.prefix_cache.attach(table, match)
             cached = match.num_tokens
         if not self.pool.ensure_capacity(table, len(s.tokens) + self.canvas):
@@ -451,9 +524,12 @@ class Engine:
             self._noise.release(s.noise)
         s.noise = None
 
+    def denoised(self, request_id: str, step: int, hidden: torch.Tensor) -> None:
+        """Exact mode: called with each denoising step's final hidden states ``[C, H]``, before sampling. A no-op;
+        a subclass that records them (logits of every step, for parity checks) overrides it."""
+
     def _after_denoise(self, s: _Seq, hidden: torch.Tensor) -> list[Event]:
-        if self.on_denoise is not None:
-            self.on_denoise(s.req.request_id, s.steps, hidden)
+        self.denoised(s.req.request_id, s.steps, hidden)
         noise = None
         if s.noise is not None and self._noise is not None:
             noise = self._noise.take(s.noise)
@@ -519,7 +595,7 @@ class Engine:
         self._drop_noise(s)
         if s.req.request_id in self.running:
             if self.prefix_cache is not None and s.table is not None:
-                self.prefix_cache.insert(s.tokens[:s.cached_len], s.table)
+                self.prefix_cache.insert(s.cache_keys(s.cached_len), s.table)
             self.pool.free(s.table)
             self._free_slots.append(s.slot)
             del self.running[s.req.request_id]
@@ -540,6 +616,7 @@ class Engine:
             "kv_blocks_used": self.pool.num_used_blocks("full"),
             "kv_blocks_free": self.pool.num_free_blocks("full"),
             "kv_bytes_used": self.pool.bytes_used(), "kv_bytes_capacity": self.pool.capacity_bytes(),
+            "vision_images": self.vision_images, "vision_encoder_seconds": self.vision_seconds,
         }
         if self.prefix_cache is not None:
             out["prefix_cache_hit_rate"] = self.prefix_cache.stats.hit_rate

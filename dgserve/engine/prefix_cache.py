@@ -94,13 +94,14 @@ class PrefixCache:
         return list(self._chains.get(table, ()))
 
     # -- lookup --
-    def match(self, prompt_ids: Sequence[int], window: int | None = None, min_tail: int | None = None
-              ) -> PrefixMatch:
+    def match(self, prompt_ids: Sequence[int], window: int | None = None, min_tail: int | None = None,
+              avoid: Sequence[tuple[int, int]] = ()) -> PrefixMatch:
         """Longest cached block chain of the prompt that a forward can continue from.
 
         At least ``min_tail`` prompt tokens (default 1) are left to compute, and the sliding blocks
         covering the last ``window - 1`` positions of the match must be cached too (``window`` defaults to
-        the model's). Side-effect free: stats and recency are recorded by :meth:`attach`.
+        the model's). The match never ends strictly inside one of the ``avoid`` spans (a prompt's images, which
+        are encoded in one forward each). Side-effect free: stats and recency are recorded by :meth:`attach`.
 
         Why the engine asks for a whole block of tail: the tail is computed as one chunk of rows after the
         cached ones, where a request without a cache hit computes the same rows inside a longer chunk. CPU
@@ -125,6 +126,8 @@ class PrefixCache:
         if not self.pool.sliding_layers:
             window = None
         m = self._longest_with_window(entries, window) if window is not None else len(entries)
+        while m and any(a < m * bs < b for a, b in avoid):
+            m = self._longest_with_window(entries[:m - 1], window) if window is not None else m - 1
         first = self._window_first_block(m, window)
         entries = entries[:m]
         return PrefixMatch(

@@ -11,9 +11,23 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from dgserve.model.generation_config import GREEDY_SEED, SamplingParams
+from dgserve.model.image_processing import ProcessedImage
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 __all__ = ["SamplingParams"]  # re-exported: requests carry it
+
+
+@dataclass(frozen=True)
+class PromptImage:
+    """An image of the prompt: its preprocessed pixels, and the prompt position of its first soft token (its
+    ``num_soft_tokens`` image-token placeholders follow)."""
+
+    start: int
+    image: ProcessedImage
+
+    @property
+    def end(self) -> int:
+        return self.start + self.image.num_soft_tokens
 
 
 class InvalidRequest(ValueError):
@@ -50,6 +64,7 @@ class GenerationRequest:
     # canvas boundary, so that a seeded request continues the same random stream.
     committed_ids: list[int] = field(default_factory=list)
     rng_state: bytes | None = None
+    images: tuple[PromptImage, ...] = ()  # in prompt order; the vision tower encodes them at prefill
     # max_tokens is the server's default, not the client's: an engine whose KV cache cannot hold prompt +
     # max_tokens lowers it to what fits instead of refusing the request
     fit_max_tokens: bool = False
@@ -71,6 +86,8 @@ class RequestStats:
     time_to_first_canvas: float | None = None
     cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
     steps_per_canvas: list[int] = field(default_factory=list)
+    images: int = 0  # images in the prompt
+    vision_seconds: float = 0.0  # vision encoder time spent on them (its share of batched runs)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -88,7 +105,8 @@ class RequestStats:
             "seconds": round(self.seconds, 4), "tokens_per_second": round(self.tokens_per_second, 2),
             "time_to_first_canvas": None if self.time_to_first_canvas is None
             else round(self.time_to_first_canvas, 4),
-            "cached_prompt_tokens": self.cached_prompt_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens, "images": self.images,
+            "vision_seconds": round(self.vision_seconds, 4),
         }
 
 

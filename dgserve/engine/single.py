@@ -10,17 +10,19 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from dgserve.engine.finish import canvas_outcome
-from dgserve.engine.request import RequestStats
+from dgserve.engine.prompt_images import check_images
+from dgserve.engine.request import PromptImage, RequestStats
 from dgserve.engine.sampler import StabilityTracker, denoise_step, random_canvas
 from dgserve.model.diffusion_gemma import DiffusionGemma
 from dgserve.model.generation_config import GREEDY_SEED, SamplingParams
 from dgserve.model.kv import ContiguousKV, Segment
+from dgserve.model.vision_checkpoint import LoadedVision
 
 
 @dataclass
@@ -51,9 +53,15 @@ def generate_single(
     chunk_rows: int | None = None,
     record_logits: bool = False,
     on_canvas: Callable[[list[int]], None] | None = None,
+    images: Sequence[PromptImage] = (),
+    vision: LoadedVision | None = None,
 ) -> SingleResult:
+    """``images``: the prompt's images (their placeholder tokens in ``prompt_ids``), encoded by ``vision``."""
     if not prompt_ids:
         raise ValueError("the prompt must contain at least one token")
+    check_images(prompt_ids, images, model.config.image_token_id)
+    if images and vision is None:
+        raise ValueError("the prompt has images but no vision tower was loaded")
     sampling = sampling or SamplingParams()
     if seed is None and sampling.greedy:
         seed = GREEDY_SEED  # as GenerationRequest does: greedy output is deterministic
@@ -66,7 +74,14 @@ def generate_single(
     stats = RequestStats(prompt_tokens=len(prompt_ids))
     started = time.perf_counter()
     prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)
-    model(prompt, [Segment("encode", 0, len(prompt_ids), 0)], kv)
+    image_embeds = None
+    if images:
+        assert vision is not None
+        vision_started = time.perf_counter()
+        image_embeds = torch.cat(vision.encode([image.image for image in images]))
+        stats.images, stats.vision_seconds = len(images), time.perf_counter() - vision_started
+    spans = tuple((image.start, image.end) for image in images)
+    model(prompt, [Segment("encode", 0, len(prompt_ids), 0, spans)], kv, image_embeds=image_embeds)
     kv.trim()
     length = len(prompt_ids)
     out: list[int] = []

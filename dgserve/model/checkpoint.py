@@ -3,9 +3,9 @@
 ``load(path_or_preset, dtype, device)`` reads ``config.json``, ``model.safetensors`` (or a sharded
 ``model.safetensors.index.json``), ``generation_config.json`` and the tokenizer files. The model is
 built on the meta device and each tensor is memory-mapped, checked, cast and copied into place, so
-a checkpoint never needs twice its size in memory. Only the text model is read. Presets build a
-deterministic random model instead; Hugging Face model ids are resolved to their cached snapshot
-(``dgserve.model.hub``).
+a checkpoint never needs twice its size in memory. The vision tower, if any, is read by
+``vision_checkpoint`` with the same checks. Presets build a deterministic random model instead; Hugging Face
+model ids are resolved to their cached snapshot (``dgserve.model.hub``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,6 +26,9 @@ from dgserve.model.config import PRESETS, ConfigError, ModelConfig
 from dgserve.model.diffusion_gemma import DiffusionGemma
 from dgserve.model.generation_config import SamplingParams
 from dgserve.model.hub import HubError, is_hub_id, snapshot
+
+if TYPE_CHECKING:
+    from dgserve.model.vision_checkpoint import LoadedVision, VisionMode, VisionSpec
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,7 @@ class LoadedModel:
     generation: GenerationDefaults
     tokenizer: Any | None  # dgserve.model.tokenizer.Tokenizer when the checkpoint ships one
     source: str
+    vision: LoadedVision | None = None  # the vision tower + projector (None: text only)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -72,15 +76,21 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def load(path_or_preset: str | Path, dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu",
          expert_ids: list[int] | None = None, seed: int = 0, revision: str | None = None,
-         quantization: str = "none", fp8_emulation: bool = False) -> LoadedModel:
+         vision: VisionMode = "auto", quantization: str = "none", fp8_emulation: bool = False) -> LoadedModel:
     """Load a checkpoint directory or a Hugging Face model id (``revision``: its branch, tag or commit), or build a
     named preset (``tiny-random``, ``diffusiongemma-26b-a4b``...).
 
     ``expert_ids``: load only these experts (an expert-parallel rank's share); default all.
+    ``vision``: ``auto`` loads the vision tower when the checkpoint has one (every rank: it is dense), ``off``
+    never loads it.
     ``quantization``: ``fp8`` quantizes the attention projections, dense MLP and experts to e4m3 as each tensor is
     read (``dgserve.model.quantization``; ``fp8_emulation`` runs their arithmetic emulated, e.g. on CPU), and reads
-    an already quantized checkpoint as it is; ``none`` dequantizes such a checkpoint to ``dtype``.
+    an already quantized checkpoint as it is; ``none`` dequantizes such a checkpoint to ``dtype``. The vision tower
+    is never quantized.
     """
+    from dgserve.model.vision_checkpoint import check_vision_mode, load_vision
+
+    check_vision_mode(vision)
     dtype = resolve_dtype(dtype)
     device = torch.device(device)
     try:
@@ -98,7 +108,8 @@ def load(path_or_preset: str | Path, dtype: str | torch.dtype = torch.float32, d
     _fill_from_safetensors(model, weights, dtype, layout)
     model.eval()
     return LoadedModel(model=model, config=config, generation=read_generation_config(path, config),
-                       tokenizer=_maybe_tokenizer(path), source=str(path))
+                       tokenizer=_maybe_tokenizer(path), source=str(path),
+                       vision=load_vision(path, weights, config.text.hidden_size, dtype, device, vision))
 
 
 def _read_fp8_layout(path: Path) -> fp8_checkpoint.Fp8Layout | None:
@@ -117,6 +128,7 @@ class ModelMetadata:
     generation: GenerationDefaults
     tokenizer: Any | None
     source: str
+    vision: VisionSpec | None = None  # image preprocessing of a checkpoint with a vision tower (None: text only)
 
 
 def _preset_names() -> str:
@@ -154,7 +166,11 @@ def check_model_name(name: str) -> None:
                           "absolute path")
 
 
-def load_metadata(path_or_preset: str | Path, revision: str | None = None) -> ModelMetadata:
+def load_metadata(path_or_preset: str | Path, revision: str | None = None, vision: VisionMode = "auto"
+                  ) -> ModelMetadata:
+    from dgserve.model.vision_checkpoint import check_vision_mode, read_vision_spec
+
+    check_vision_mode(vision)
     name = resolve_source(path_or_preset, revision, weights=False)
     if name in PRESETS and not Path(name).exists():
         config = PRESETS[name]
@@ -164,19 +180,26 @@ def load_metadata(path_or_preset: str | Path, revision: str | None = None) -> Mo
                              _maybe_tokenizer(asset) if asset.is_dir() else None, f"preset:{name}")
     path = Path(name)
     config = read_config(path)
-    return ModelMetadata(config, read_generation_config(path, config), _maybe_tokenizer(path), str(path))
+    return ModelMetadata(config, read_generation_config(path, config), _maybe_tokenizer(path), str(path),
+                         read_vision_spec(path, vision))
 
 
-def read_config(path: Path) -> ModelConfig:
-    file = path / "config.json"
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing (a Hugging Face checkpoint directory needs config.json)")
+def read_json_object(file: Path) -> dict[str, Any]:
+    """A checkpoint file holding one JSON object (errors name the file)."""
     try:
         raw = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{file}: not valid JSON ({exc})") from exc
     if not isinstance(raw, dict):
         raise CheckpointError(f"{file}: expected a JSON object")
+    return raw
+
+
+def read_config(path: Path) -> ModelConfig:
+    file = path / "config.json"
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing (a Hugging Face checkpoint directory needs config.json)")
+    raw = read_json_object(file)
     try:
         return ModelConfig.from_hf_dict(raw, source=str(file))
     except ConfigError as exc:

@@ -1,7 +1,7 @@
 """DiffusionGemma text-model configuration: a strict pydantic model, named presets, and the
 mapping from/to Hugging Face's nested ``config.json`` (``model_type: diffusion_gemma``).
 
-Only the text model is described; the vision tower is out of scope for dgserve.
+The vision tower's configuration is ``vision_config.py``'s.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ class TextConfig(BaseModel):
     pad_token_id: int | None = 0
     eos_token_id: tuple[int, ...] = (1,)
     bos_token_id: int | None = 2
+    # "vision": the encoder attends bidirectionally within each image's run of soft tokens (else causal)
+    use_bidirectional_attention: Literal["vision"] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> TextConfig:
@@ -162,7 +164,7 @@ class ModelConfig(BaseModel):
             "max_position_embeddings": t.max_position_embeddings,
             "pad_token_id": t.pad_token_id, "bos_token_id": t.bos_token_id,
             "eos_token_id": t.eos_token_id[0] if len(t.eos_token_id) == 1 else list(t.eos_token_id),
-            "tie_word_embeddings": True, "use_bidirectional_attention": None,
+            "tie_word_embeddings": True, "use_bidirectional_attention": t.use_bidirectional_attention,
         }
         return {
             "architectures": ["DiffusionGemmaForBlockDiffusion"], "model_type": "diffusion_gemma",
@@ -259,6 +261,7 @@ def _text_from_hf(tc: dict[str, Any], source: str) -> TextConfig:
         attention_bias=bool(tc.get("attention_bias", False)),
         max_position_embeddings=int(tc.get("max_position_embeddings", 131_072)),
         pad_token_id=tc.get("pad_token_id", 0), eos_token_id=eos_t, bos_token_id=tc.get("bos_token_id", 2),
+        use_bidirectional_attention=tc.get("use_bidirectional_attention"),
     )
 
 

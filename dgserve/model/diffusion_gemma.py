@@ -111,11 +111,13 @@ class DiffusionGemma(nn.Module):
         return self.embed_tokens(tokens) * self.embed_scale(self.dtype)
 
     def forward(self, tokens: torch.Tensor, segments: list[Segment], kv: KVView,
-                soft: torch.Tensor | None = None) -> torch.Tensor:
+                soft: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Run one packed batch.
 
         tokens ``[T]``; segments partition T in order; soft ``[T_denoise, H]``: the previous step's soft
         embeddings for the denoise tokens in segment order (None = all zeros, i.e. first steps).
+        image_embeds ``[sum of image_spans, H]``: the vision tower's features replacing the embeddings of the
+        encode segments' image spans, in segment and span order.
         Returns the final-normed hidden states of the denoise tokens ``[T_denoise, H]``.
 
         On CPU, whole prompts shorter than :func:`short_row_limit` tokens are prefilled first, each in a
@@ -127,26 +129,35 @@ class DiffusionGemma(nn.Module):
         if len(segments) > 1 and self.isolate_short_prompts and not self.dispatcher.collective:
             limit = short_row_limit(tokens.device, self.dtype, self._packed_shapes)
             if any(_short_prompt(s, limit) for s in segments):
-                return self._forward_short_alone(tokens, segments, kv, soft, limit)
-        return self._forward_packed(tokens, segments, kv, soft)
+                return self._forward_short_alone(tokens, segments, kv, soft, limit, image_embeds)
+        return self._forward_packed(tokens, segments, kv, soft, image_embeds)
 
     def _forward_short_alone(self, tokens: torch.Tensor, segments: list[Segment], kv: KVView,
-                             soft: torch.Tensor | None, limit: int) -> torch.Tensor:
-        rest_tokens, rest_segments, start = [], [], 0
+                             soft: torch.Tensor | None, limit: int, image_embeds: torch.Tensor | None
+                             ) -> torch.Tensor:
+        rest_tokens, rest_segments, rest_images, start, image_start = [], [], [], 0, 0
         for seg in segments:
             piece = tokens[start:start + seg.length]
             start += seg.length
+            images = None
+            if seg.image_spans:
+                assert image_embeds is not None, "image spans without image embeddings"
+                images = image_embeds[image_start:image_start + seg.image_tokens]
+                image_start += seg.image_tokens
             if _short_prompt(seg, limit):
-                self._forward_packed(piece, [seg], kv, None)  # encode: writes the cache, returns nothing
+                self._forward_packed(piece, [seg], kv, None, images)  # encode: writes the cache, returns nothing
             else:
                 rest_tokens.append(piece)
                 rest_segments.append(seg)
+                if images is not None:
+                    rest_images.append(images)
         if not rest_segments:
             return torch.empty(0, self.config.text.hidden_size, dtype=self.dtype, device=tokens.device)
-        return self._forward_packed(torch.cat(rest_tokens), rest_segments, kv, soft)
+        return self._forward_packed(torch.cat(rest_tokens), rest_segments, kv, soft,
+                                    torch.cat(rest_images) if rest_images else None)
 
     def _forward_packed(self, tokens: torch.Tensor, segments: list[Segment], kv: KVView,
-                        soft: torch.Tensor | None) -> torch.Tensor:
+                        soft: torch.Tensor | None, image_embeds: torch.Tensor | None = None) -> torch.Tensor:
         device = tokens.device
         is_denoise = torch.cat([
             torch.full((s.length,), s.kind == "denoise", dtype=torch.bool, device=device) for s in segments
@@ -155,6 +166,8 @@ class DiffusionGemma(nn.Module):
             torch.arange(s.position, s.position + s.length, device=device) for s in segments
         ])
         x = self.embed(tokens)  # [T, H]
+        if image_embeds is not None:
+            x[_image_rows(segments, device)] = image_embeds.to(x.dtype)  # the image placeholders' embeddings
         kinds = {s.kind for s in segments}
         if "denoise" in kinds:
             x[is_denoise] = self.self_conditioning(x[is_denoise], soft)
@@ -214,6 +227,15 @@ class DiffusionGemma(nn.Module):
         w = self.embed_tokens.weight
         # the scale as a number, not a (CPU) tensor: the same product, and nothing to copy to the device
         return (probs.to(w.dtype) @ w) * self.embed_scale_value()
+
+
+def _image_rows(segments: list[Segment], device: torch.device) -> torch.Tensor:
+    """Rows of the packed batch holding image soft tokens, in segment and span order."""
+    rows, offset = [], 0
+    for seg in segments:
+        rows.extend(torch.arange(offset + a - seg.position, offset + b - seg.position) for a, b in seg.image_spans)
+        offset += seg.length
+    return torch.cat(rows).to(device) if rows else torch.empty(0, dtype=torch.long, device=device)
 
 
 def _short_prompt(seg: Segment, limit: int) -> bool:

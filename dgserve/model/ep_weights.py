@@ -16,6 +16,7 @@ import torch
 from dgserve.model.checkpoint import LoadedModel, load, read_config, resolve_shipped, resolve_source
 from dgserve.model.config import PRESETS, ModelConfig
 from dgserve.model.diffusion_gemma import DiffusionGemma
+from dgserve.model.vision_checkpoint import VisionMode
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +29,12 @@ def source_config(path_or_preset: str | Path) -> ModelConfig:
 
 
 def load_rank_share(path_or_preset: str | Path, expert_ids: list[int], dtype: str | torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu", seed: int = 0) -> LoadedModel:
-    """The model of one rank: every dense weight, and the experts ``expert_ids`` (global ids, ascending)."""
+                    device: str | torch.device = "cpu", seed: int = 0, vision: VisionMode = "auto") -> LoadedModel:
+    """The model of one rank: every dense weight (the vision tower too), and the experts ``expert_ids`` (global
+    ids, ascending)."""
     name = resolve_shipped(str(path_or_preset))
     if not (name in PRESETS and not Path(name).exists()):
-        return load(name, dtype=dtype, device=device, expert_ids=expert_ids, seed=seed)
+        return load(name, dtype=dtype, device=device, expert_ids=expert_ids, seed=seed, vision=vision)
     full = load(name, dtype=dtype, device="cpu", seed=seed)
     if full.config.parameter_counts()["total"] > 2_000_000_000:
         log.warning("building preset %s in full on every rank to take its expert share; use a checkpoint "

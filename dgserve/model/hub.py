@@ -14,7 +14,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 METADATA_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                  "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+                  "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
+                  "preprocessor_config.json", "processor_config.json")  # the last two: image preprocessing
 WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")
 SUBFOLDERS = ("*/*",)  # fnmatch's * also matches "/": this keeps every pattern to the repository's top level
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9_]")

@@ -24,6 +24,13 @@ class Segment:
     seq: int  # which sequence's cache (an index the KVView understands)
     length: int  # tokens of this segment in the packed batch
     position: int  # absolute position of the segment's first token; cache holds positions [0, position)
+    # encode only: the absolute [start, end) positions of each image's soft tokens in this segment (whole images:
+    # their embeddings come from the vision tower, and the encoder attends bidirectionally within each)
+    image_spans: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def image_tokens(self) -> int:
+        return sum(end - start for start, end in self.image_spans)
 
 
 class KVView(Protocol):

@@ -85,8 +85,9 @@ class Attention(nn.Module):
     """Gemma 4 attention: q/k RMSNorm, scale-free v-norm, RoPE, scaling 1.0, GQA.
 
     Full-attention layers have no v_proj: values are the projected keys (before k-norm and RoPE).
-    Encode segments: causal (sliding layers: the last ``window`` positions including self) and append
-    their K/V to the cache. Denoise segments: bidirectional over the canvas plus read-only attention to
+    Encode segments: causal (sliding layers: the last ``window`` positions including self; with
+    ``use_bidirectional_attention="vision"`` also every token of the same image) and append their K/V to the
+    cache. Denoise segments: bidirectional over the canvas plus read-only attention to
     the cached prefix (sliding layers: its last ``window - 1`` positions).
     """
 
@@ -95,6 +96,7 @@ class Attention(nn.Module):
         self.layer = layer
         self.sliding = cfg.is_sliding(layer)
         self.window = cfg.sliding_window
+        self.bidirectional_images = cfg.use_bidirectional_attention == "vision"
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.layer_head_dim(layer)
         self.kv_heads = cfg.layer_kv_heads(layer)
@@ -149,6 +151,11 @@ class Attention(nn.Module):
             mask = k_pos <= q_pos
             if self.sliding:
                 mask &= k_pos > q_pos - self.window
+            if self.bidirectional_images:
+                # the reference's block overlay: any two soft tokens of one image see each other (also past the
+                # sliding window); a segment holds whole images, so the overlay never reaches into the cache
+                for a, b in seg.image_spans:
+                    mask |= (q_pos >= a) & (q_pos < b) & (k_pos >= a) & (k_pos < b)
         # [1, heads, n, hd] layout for SDPA; GQA maps query head h to kv head h // (heads / kv_heads)
         o = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],

@@ -93,22 +93,30 @@ def grouped_mm_supported(x: torch.Tensor, experts: ExpertWeights) -> bool:
     return x.shape[-1] % align == 0 and inter % align == 0
 
 
-@torch.library.custom_op("dgserve::grouped_mm_f32", mutates_args=())
-def _grouped_mm_f32(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """``F.grouped_mm`` for fp32 on CPU, as an opaque op: torch's shape function for ``grouped_mm`` insists on
-    bf16 (the CUDA kernel's rule), so ``torch.compile`` could not trace the CPU kernel's fp32 calls otherwise."""
-    return F.grouped_mm(x, w, offs=offs)
+@torch.library.custom_op("dgserve::grouped_mm_cpu", mutates_args=())
+def _grouped_mm_cpu(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``F.grouped_mm`` on CPU, as one opaque op: an ``mm`` per group, reading the offsets on the host (free on a
+    CPU). torch's CPU grouped kernel is ~18x slower with the column-major weights a GPU wants (measured at the
+    bench-cpu expert shapes: 26 ms vs 1.4 ms), and its shape function insists on bf16 (the CUDA kernel's rule),
+    so ``torch.compile`` could not trace fp32 calls to it either."""
+    out = x.new_empty(x.shape[0], w.shape[-1])
+    start = 0
+    for group, end in enumerate(offs.tolist()):
+        if end > start:
+            torch.mm(x[start:end], w[group], out=out[start:end])
+        start = end
+    return out
 
 
-@_grouped_mm_f32.register_fake
+@_grouped_mm_cpu.register_fake
 def _(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[-1])
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """``F.grouped_mm`` (fp32 through the opaque op above)."""
-    if x.dtype == torch.float32:
-        return _grouped_mm_f32(x, w, offs)
+    """``F.grouped_mm``; on CPU the opaque per-group op above."""
+    if x.device.type == "cpu":
+        return _grouped_mm_cpu(x, w, offs)
     return F.grouped_mm(x, w, offs=offs)
 
 
@@ -253,6 +261,9 @@ class LocalDispatcher(DispatcherBase):
                 or not segment_runs_pay_off(x.device)):
             perm = torch.sort(flat_expert)[1]
             counts = expert_counts(flat_expert, num_local)
+            if torch.is_grad_enabled() and (x.requires_grad or experts.gate_up_proj.requires_grad):
+                # training: torch's grouped kernel has no backward on CPU; one differentiable matmul per expert
+                runs = [(local, int(n)) for local, n in enumerate(counts.tolist())]
         else:
             # one matmul per (expert, segment), each segment's rows in the order of a forward of that
             # segment alone: its expert outputs are then bit-identical to that forward, whatever else is packed

@@ -34,6 +34,7 @@ from dgserve.model.checkpoint import resolve_dtype
 from dgserve.model.ep_dispatch import EPGroupStats, ExpertParallelDispatcher
 from dgserve.model.ep_weights import load_rank_share, source_config
 from dgserve.model.placement import ExpertPlacement
+from dgserve.model.vision_checkpoint import VisionMode
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +105,14 @@ class LockstepBarrier:
 
 
 def build_ep_engine(model: str | Path, group: EPGroup, placement: ExpertPlacement | None = None, *,
+                    engine_class: type[Engine] = Engine,
                     dtype: str | torch.dtype = torch.float32, engine_config: EngineConfig | None = None,
                     seed: int = 0, idle_poll_s: float = 0.01, stats_sync_every: int = 16, timing: bool = False,
                     owns_group: bool = False,
-                    on_stats_sync: Callable[[EPGroupStats], None] | None = None) -> AsyncEngine:
-    """This rank's model share (dense + owned experts) + EP dispatcher + an engine loop with a lockstep barrier.
+                    on_stats_sync: Callable[[EPGroupStats], None] | None = None,
+                    vision: VisionMode = "auto") -> AsyncEngine:
+    """This rank's model share (dense + owned experts; the vision tower, dense, on every rank) + EP dispatcher + an
+    engine loop with a lockstep barrier.
 
     ``model``: checkpoint directory (experts slice-read) or preset name. ``placement``: the same on
     every rank (default contiguous). ``group``: from :func:`dgserve.cluster.process_group.init_ep_group`
@@ -121,11 +125,11 @@ def build_ep_engine(model: str | Path, group: EPGroup, placement: ExpertPlacemen
         raise ValueError(f"placement is for {placement.num_experts} experts on {placement.world_size} ranks; "
                          f"the model has {t.num_experts} experts and the group {group.world_size} ranks")
     owned = placement.owned_experts(group.rank)
-    loaded = load_rank_share(model, owned, dtype=resolve_dtype(dtype), device=group.device, seed=seed)
+    loaded = load_rank_share(model, owned, dtype=resolve_dtype(dtype), device=group.device, seed=seed, vision=vision)
     dispatcher = ExpertParallelDispatcher(placement, group.rank, t.num_hidden_layers, group=group.group,
                                           device=group.device, timing=timing)
     loaded.model.dispatcher = dispatcher
-    engine = Engine(loaded.model, loaded.generation, loaded.tokenizer, engine_config)
+    engine = engine_class(loaded.model, loaded.generation, loaded.tokenizer, engine_config, vision=loaded.vision)
     log.info("EP rank %d/%d: %d experts %s", group.rank, group.world_size, len(owned), _ranges(owned))
     barrier = LockstepBarrier(dispatcher, group, [layer.experts for layer in loaded.model.layers],
                               idle_poll_s=idle_poll_s, stats_sync_every=stats_sync_every, owns_group=owns_group,

@@ -15,8 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,8 +23,8 @@ from ray import serve
 from dgserve.cluster import rendezvous
 from dgserve.cluster.gang import current_gang
 from dgserve.config import ReplicaSlice
+from dgserve.engine.engine import Engine
 from dgserve.engine.loop import AsyncEngine
-from dgserve.engine.request import Event, FinalEvent, GenerationRequest
 from dgserve.model.checkpoint import resolve_source
 from dgserve.model.ep_dispatch import EPGroupStats
 from dgserve.model.ep_weights import source_config
@@ -59,22 +57,17 @@ def choose_placement(num_experts: int, world_size: int, policy: str, counts: lis
 class EPModelReplica(ModelReplica):
     """A model replica hosting one rank of an EP group (see the module docstring).
 
-    ``torch_threads`` pins this rank's intra-op threads; ``record_logits_dir`` (tests) saves every denoising
-    step's logits per request, at its end, for comparison with a single-process run.
+    ``torch_threads`` pins this rank's intra-op threads. ``engine_class`` is the rank's engine (a subclass may
+    observe it: the tests record every step's logits this way).
     """
 
-    def __init__(self, config: ReplicaSlice, *, torch_threads: int | None = None,
-                 record_logits_dir: str | None = None) -> None:
+    engine_class: type[Engine] = Engine
+
+    def __init__(self, config: ReplicaSlice, *, torch_threads: int | None = None) -> None:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self._last_publish = 0.0
         super().__init__(config)
-        self._recorded: dict[str, list[torch.Tensor]] = {}
-        self._record_dir = Path(record_logits_dir) if record_logits_dir else None
-        if self._record_dir is not None:
-            model = self.engine.model
-            self.engine.on_denoise = \
-                lambda rid, step, h: self._recorded.setdefault(rid, []).append(model.logits(h).cpu())
 
     def _start_engine(self) -> AsyncEngine:
         started = time.monotonic()
@@ -97,19 +90,14 @@ class EPModelReplica(ModelReplica):
                                                rendezvous_timeout_s=RENDEZVOUS_TIMEOUT_S, payload=payload)
         self.placement = ExpertPlacement.from_json(payload["placement"])
         self.placement_counts: list[float] | None = payload.get("placement_counts")  # what load_aware used
-        loop = build_ep_engine(path, group, self.placement, dtype=cfg.model.dtype,
+        loop = build_ep_engine(path, group, self.placement, dtype=cfg.model.dtype, engine_class=self.engine_class,
                                engine_config=cfg.engine, owns_group=True,
-                               on_stats_sync=self._publish_counts if gang.rank == 0 else None)
+                               on_stats_sync=self._publish_counts if gang.rank == 0 else None,
+                               vision=cfg.model.vision)
         self.startup_seconds = time.monotonic() - started
         log.info("EP rank %d/%d of gang %s up in %.1fs", self.rank, self.world_size, self.gang_id,
                  self.startup_seconds)
         return loop
-
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
-        async for ev in super().generate(request):
-            if self._record_dir is not None and isinstance(ev, FinalEvent):
-                torch.save(self._recorded.pop(ev.request_id, []), self._record_dir / f"{ev.request_id}.pt")
-            yield ev
 
     def expert_counts(self) -> dict[str, list[list[int]]]:
         assert isinstance(self.loop.barrier, LockstepBarrier)

@@ -38,6 +38,8 @@ class MetricSpec:
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0)
 _STEP_BUCKETS = (1, 2, 4, 6, 8, 10, 12, 14, 16, 20, 24, 32, 48, 64, 96, 128)
 _TPF_BUCKETS = (0.5, 1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+_IMAGE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
+_VISION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 METRIC_NAMES: dict[str, MetricSpec] = {
     # Requests
@@ -63,6 +65,13 @@ METRIC_NAMES: dict[str, MetricSpec] = {
         "histogram", "Time from admission to the first committed canvas.", ("model",), _LATENCY_BUCKETS),
     "dgserve_request_latency_seconds": MetricSpec(
         "histogram", "End-to-end engine time of a finished request.", ("model",), _LATENCY_BUCKETS),
+    "dgserve_images": MetricSpec("counter", "Images in the prompts of finished requests.", ("model",)),
+    "dgserve_images_per_request": MetricSpec(
+        "histogram", "Images in one request's prompt, of finished requests that had any.", ("model",),
+        _IMAGE_BUCKETS),
+    "dgserve_vision_encoder_seconds": MetricSpec(
+        "histogram", "Vision encoder time spent on one request's images (its share of the batched runs), of "
+        "finished requests that had any.", ("model",), _VISION_BUCKETS),
     # Engine state (sampled from Engine.stats())
     "dgserve_replica_up": MetricSpec("gauge", "1 while a replica of this model is alive.", ("model",)),
     "dgserve_queue_depth": MetricSpec("gauge", "Requests waiting for admission to the engine.", ("model",)),
@@ -173,6 +182,10 @@ class ReplicaMetrics:
                 self._observe("dgserve_time_to_first_canvas_seconds", s.time_to_first_canvas)
             if s.seconds > 0:
                 self._observe("dgserve_request_latency_seconds", s.seconds)
+            if s.images:
+                self._inc("dgserve_images", s.images)
+                self._observe("dgserve_images_per_request", s.images)
+                self._observe("dgserve_vision_encoder_seconds", s.vision_seconds)
         except Exception:  # metrics must never fail a request
             log.exception("recording a finished request's metrics failed")
 

@@ -21,6 +21,7 @@ from dgserve.config import ReplicaSlice
 from dgserve.engine.engine import Engine
 from dgserve.engine.loop import AsyncEngine
 from dgserve.engine.prefix_keys import affinity_key
+from dgserve.engine.prompt_images import key_ids
 from dgserve.engine.request import CanvasEvent, EngineOverloaded, Event, FinalEvent, GenerationRequest
 from dgserve.model.checkpoint import load
 from dgserve.replicas.admission import QueueBound
@@ -59,14 +60,17 @@ class ModelReplica:
     def _start_engine(self) -> AsyncEngine:
         device = resolve_device(self.config.model.device)
         loaded = load(self.config.model.path, dtype=self.config.model.dtype, device=device,
-                      revision=self.config.model.revision, quantization=self.config.model.quantization,
-                      fp8_emulation=self.config.model.fp8_emulation)
-        return AsyncEngine(Engine(loaded.model, loaded.generation, loaded.tokenizer, self.config.engine))
+                      revision=self.config.model.revision, vision=self.config.model.vision,
+                      quantization=self.config.model.quantization, fp8_emulation=self.config.model.fp8_emulation)
+        return AsyncEngine(Engine(loaded.model, loaded.generation, loaded.tokenizer, self.config.engine,
+                                  vision=loaded.vision))
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         key = None
         if self.config.prefix_affinity:
-            key = affinity_key(request.prompt_ids, self.engine.pool.block_size, self.config.affinity_prefix_tokens)
+            # the images among the prompt's first tokens count, as the engine's prefix cache keys them
+            key = affinity_key(key_ids(request.prompt_ids, request.images), self.engine.pool.block_size,
+                               self.config.affinity_prefix_tokens)
         if key is not None:
             self._recent[key] = None
             self._recent.move_to_end(key)

@@ -40,7 +40,8 @@ class Ingress:
 
     def __init__(self, replica_handle, config: IngressSlice) -> None:
         self.config = config
-        self.metadata = load_metadata(self.config.model.path, self.config.model.revision)
+        self.metadata = load_metadata(self.config.model.path, self.config.model.revision,
+                                      vision=self.config.model.vision)
         self.metrics = ReplicaMetrics(self.config.model.model_id)
         self.backend = EngineChatBackend.over_serve(replica_handle, self.metadata, config,
                                                     on_failover=self.metrics.on_failover)
@@ -104,10 +105,11 @@ def deployment_options(config: DeployConfig) -> dict[str, dict[str, Any]]:
     return {INGRESS_DEPLOYMENT: ingress, MODEL_DEPLOYMENT: model}
 
 
-def replica_deployment(config: DeployConfig) -> serve.Deployment:
+def replica_deployment(config: DeployConfig, replica_class: type[ModelReplica] | None = None) -> serve.Deployment:
     """The model deployment (EP ranks when ``ep_size > 1``), with its options; bind it with
-    ``config.replica_slice()``. ``build_app`` puts the ingress in front of it; tests deploy it alone."""
-    replica_class = EPModelReplica if config.replicas.ep_size > 1 else ModelReplica
+    ``config.replica_slice()``. ``build_app`` puts the ingress in front of it; tests deploy it alone (and may
+    give a subclass of the replica class, to observe it)."""
+    replica_class = replica_class or (EPModelReplica if config.replicas.ep_size > 1 else ModelReplica)
     return serve.deployment(replica_class, name=MODEL_DEPLOYMENT, **deployment_options(config)[MODEL_DEPLOYMENT])
 
 

@@ -6,9 +6,9 @@ client that runs in this process (``AsyncEngine``: the API without Ray, what the
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
-from dgserve.config import IngressSlice
+from dgserve.config import ImageSettings, IngressSlice
 from dgserve.engine.engine import Engine, EngineConfig
 from dgserve.engine.loop import AsyncEngine
 from dgserve.engine.request import (
@@ -18,9 +18,12 @@ from dgserve.engine.request import (
     FinalEvent,
     GenerationRequest,
     InvalidRequest,
+    PromptImage,
     SamplingParams,
 )
 from dgserve.model.checkpoint import LoadedModel, ModelMetadata, load
+from dgserve.model.vision_checkpoint import VisionMode
+from dgserve.routing.images import ImageURL
 from dgserve.routing.ingress_app import OverloadedError
 from dgserve.routing.prompts import InvalidPromptError, PromptEncoder
 
@@ -39,30 +42,35 @@ class EngineChatBackend:
     refusals into the ingress's (400 / 429)."""
 
     def __init__(self, client: EngineClient, metadata: ModelMetadata, model_id: str, *, retry_after_s: float = 1.0,
-                 close: Callable[[], None] | None = None) -> None:
+                 close: Callable[[], None] | None = None, images: ImageSettings | None = None,
+                 vision_off: bool = False) -> None:
         _require_tokenizer(metadata)
         self.client = client
         self._meta = metadata
-        self._prompts = PromptEncoder(metadata.config, metadata.tokenizer)
+        self._prompts = PromptEncoder(metadata.config, metadata.tokenizer, metadata.vision, images, vision_off)
         self._model_id = model_id
         self._retry_after_s = retry_after_s
         self._close = close
 
     @classmethod
     def in_process(cls, loaded: LoadedModel, engine_config: EngineConfig | None = None,
-                   model_id: str | None = None) -> EngineChatBackend:
+                   model_id: str | None = None, images: ImageSettings | None = None,
+                   vision_off: bool = False) -> EngineChatBackend:
         """An engine in this process, running on its own worker thread (``shutdown()`` stops it)."""
-        metadata = ModelMetadata(loaded.config, loaded.generation, loaded.tokenizer, loaded.source)
+        metadata = ModelMetadata(loaded.config, loaded.generation, loaded.tokenizer, loaded.source,
+                                 loaded.vision.spec if loaded.vision is not None else None)
         _require_tokenizer(metadata)
-        aengine = AsyncEngine(Engine(loaded.model, loaded.generation, loaded.tokenizer, engine_config))
+        aengine = AsyncEngine(Engine(loaded.model, loaded.generation, loaded.tokenizer, engine_config,
+                                     vision=loaded.vision))
         model_id = model_id or loaded.source.removeprefix("preset:").rstrip("/").split("/")[-1]
-        return cls(aengine, metadata, model_id, close=aengine.shutdown)
+        return cls(aengine, metadata, model_id, close=aengine.shutdown, images=images, vision_off=vision_off)
 
     @classmethod
     def load(cls, path: str, *, dtype: str = "float32", device: str = "cpu", engine_config: EngineConfig | None = None,
-             model_id: str | None = None) -> EngineChatBackend:
-        return cls.in_process(load(path, dtype=dtype, device=device), engine_config,
-                              model_id or path.rstrip("/").split("/")[-1])
+             model_id: str | None = None, vision: VisionMode = "auto",
+             images: ImageSettings | None = None) -> EngineChatBackend:
+        return cls.in_process(load(path, dtype=dtype, device=device, vision=vision), engine_config,
+                              model_id or path.rstrip("/").split("/")[-1], images=images, vision_off=vision == "off")
 
     @classmethod
     def over_serve(cls, handle, metadata: ModelMetadata, config: IngressSlice,
@@ -72,7 +80,8 @@ class EngineChatBackend:
 
         client = ServeEngineClient(handle, max_failovers=config.router.max_failovers,
                                    failover_backoff_s=config.router.failover_backoff_s, on_failover=on_failover)
-        return cls(client, metadata, config.model.model_id)
+        return cls(client, metadata, config.model.model_id, images=config.images,
+                   vision_off=config.model.vision == "off")
 
     @property
     def model_id(self) -> str:
@@ -91,6 +100,10 @@ class EngineChatBackend:
 
     async def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
         return self._prompts.encode_chat(messages)
+
+    async def tokenize_chat_with_images(self, messages: list[dict[str, Any]], images: list[ImageURL]
+                                        ) -> tuple[list[int], tuple[PromptImage, ...]]:
+        return await self._prompts.encode_chat_with_images(messages, images)
 
     async def ready(self) -> bool:
         return await self.client.ready()

@@ -25,9 +25,10 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dgserve.config import IngressSettings
-from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest, SamplingParams
+from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest, PromptImage, SamplingParams
 from dgserve.routing.disconnects import QuietDisconnects
 from dgserve.routing.errors import OpenAIHTTPError, describe_validation_errors, error_response, install_error_handlers
+from dgserve.routing.images import ImageURL
 from dgserve.routing.limits import InFlightLimitMiddleware
 from dgserve.routing.openai_protocol import (
     ChatCompletionChunk,
@@ -87,6 +88,12 @@ class ChatBackend(Protocol):
     async def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """``[{"role", "content"}]`` rendered by the checkpoint's chat template, generation prompt appended,
         then encoded; ValueError for a conversation the template rejects."""
+
+    async def tokenize_chat_with_images(self, messages: list[dict[str, Any]], images: list[ImageURL]
+                                        ) -> tuple[list[int], tuple[PromptImage, ...]]:
+        """As ``tokenize_chat``, for messages holding one ``{"type": "image"}`` part per entry of ``images``: the
+        images loaded and preprocessed, each placeholder expanded; ValueError for bad images or a text-only
+        deployment."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """The request's events, always ending with one FinalEvent. ``aclose()`` on the iterator (or cancelling
@@ -203,10 +210,20 @@ class _OpenAIRoutes:
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
         messages = [m.for_template() for m in body.messages]
-        prompt_ids = await _tokenized(self.backend.tokenize_chat(messages), "messages")
+        images: tuple[PromptImage, ...] = ()
+        if urls := [ImageURL(url, where) for url, where in body.image_urls()]:
+            with_images = getattr(self.backend, "tokenize_chat_with_images", None)
+            if with_images is None:
+                raise OpenAIHTTPError(400, "content parts of type 'image_url' are not supported by this server: it "
+                                      "serves text only", param="messages", code="invalid_prompt")
+            # fetching and decoding images can take a while: stop if the client goes away
+            prompt_ids, images = await _guarded(request, _tokenized(with_images(messages, urls), "messages"),
+                                                None, None)
+        else:
+            prompt_ids = await _tokenized(self.backend.tokenize_chat(messages), "messages")
         reply = ChatReply(id=f"chatcmpl-{uuid.uuid4().hex}", model=self.backend.model_id,
                           include_usage=body.include_usage)
-        return await self._serve(request, body, prompt_ids, reply, "messages")
+        return await self._serve(request, body, prompt_ids, reply, "messages", images)
 
     async def list_models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.backend.model_id, created=self.started)])
@@ -234,14 +251,15 @@ class _OpenAIRoutes:
                                   f"'{self.backend.model_id}'.", param="model", code="model_not_found")
 
     async def _serve(self, request: Request, body: CompletionRequest | ChatCompletionRequest,
-                     prompt_ids: list[int], reply: Reply, prompt_param: str) -> Response:
+                     prompt_ids: list[int], reply: Reply, prompt_param: str,
+                     images: tuple[PromptImage, ...] = ()) -> Response:
         timeout = self.settings.request_timeout_s
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         generation = GenerationRequest(
             prompt_ids=prompt_ids, max_tokens=self._max_tokens(body, len(prompt_ids), prompt_param),
             seed=body.seed, sampling=self._sampling(body), stop=body.stop_strings, ignore_eos=body.ignore_eos,
             draft_every=(body.draft_every or self.settings.default_draft_every) if body.stream_drafts else 0,
-            request_id=reply.id, fit_max_tokens=body.requested_max_tokens is None)
+            request_id=reply.id, fit_max_tokens=body.requested_max_tokens is None, images=images)
         usage = partial(_usage, len(prompt_ids))
         events = self.backend.generate(generation)
 
@@ -303,14 +321,15 @@ class _OpenAIRoutes:
             raise OpenAIHTTPError(400, message, param=param or fallback) from None
 
 
-async def _tokenized(ids: Awaitable[list[int]], param: str) -> list[int]:
+async def _tokenized(ids: Awaitable[T], param: str) -> T:
+    """``ids`` (prompt ids, or prompt ids and images), with a tokenizer's or image loader's ValueError as a 400."""
     try:
-        prompt_ids = await ids
+        prompt = await ids
     except ValueError as exc:
         raise OpenAIHTTPError(400, str(exc) or f"invalid {param}", param=param, code="invalid_prompt") from None
-    if not prompt_ids:
+    if not (prompt[0] if isinstance(prompt, tuple) else prompt):
         raise OpenAIHTTPError(400, f"The {param} is empty after tokenization.", param=param, code="invalid_prompt")
-    return prompt_ids
+    return prompt
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, final: FinalEvent) -> Usage:
@@ -460,7 +479,10 @@ block of tokens) at a time, each canvas denoised in several steps.
   `stream_options.include_usage` adds a final chunk with empty `choices` and the `usage`.
 * **Diffusion parameters** (dgserve extensions, optional): `entropy_bound`, `max_denoising_steps`, `t_max`,
   `t_min`, `ignore_eos`; `seed` makes output reproducible. `temperature` scales the t_max -> t_min schedule;
-  `top_p` < 1, penalties, `n` > 1, logprobs, tools and images are rejected with a 400.
+  `top_p` < 1, penalties, `n` > 1, logprobs and tools are rejected with a 400.
+* **Images** (a model with a vision tower): chat `image_url` parts with `data:image/png|jpeg|webp;base64,...`
+  URLs; http(s) URLs only from hosts the operator allows (off by default). Bad images, or more images, pixels
+  or bytes than the server's limits, are a 400 naming the part.
 * **Drafts** (opt-in, `stream_drafts: true`): provisional snapshots of the canvas being denoised, sent as
   `event: draft` SSE events whose JSON has `object` `"text_completion.draft"` or `"chat.completion.chunk.draft"`,
   empty `choices` and the snapshot under `dgserve.draft`. They are never part of the committed text: OpenAI

@@ -1,7 +1,7 @@
 """OpenAI-compatible request and response models for the dgserve ingress.
 
 Requests are strict: unknown fields are a 400, a short allow-list of harmless OpenAI fields is accepted and
-ignored, and OpenAI features dgserve does not have (n > 1, logprobs, tools, images...) fail with a 400 that
+ignored, and OpenAI features dgserve does not have (n > 1, logprobs, tools, audio...) fail with a 400 that
 says so. dgserve's diffusion extensions are ordinary optional fields, documented in the OpenAPI schema.
 """
 
@@ -205,10 +205,11 @@ class CompletionRequest(_GenerationFields):
         return self.prompt  # type: ignore[return-value]
 
 
-def _text_parts_only(v: Any) -> Any:
-    if isinstance(v, dict) and v.get("type") != "text":
-        raise ValueError(f"content parts of type {v.get('type')!r} are not supported: dgserve serves a text-only "
-                         "model, send {\"type\": \"text\", \"text\": ...} parts")
+def _text_and_image_parts(v: Any) -> Any:
+    if isinstance(v, dict) and v.get("type") not in ("text", "image_url"):
+        raise ValueError(f"content parts of type {v.get('type')!r} are not supported: send text parts "
+                         "({\"type\": \"text\", \"text\": ...}) and image_url parts ({\"type\": \"image_url\", "
+                         "\"image_url\": {\"url\": \"data:image/png;base64,...\"}})")
     return v
 
 
@@ -225,14 +226,32 @@ class TextPart(BaseModel):
     text: Text
 
 
+class ImageURLField(BaseModel):
+    model_config = _STRICT
+
+    url: str = Field(min_length=1, description="A data:image/png|jpeg|webp;base64,... URL; http(s) URLs only where "
+                     "the server's operator allows their host (off by default).")
+    detail: Literal["auto", "low", "high"] | None = Field(None, description=IGNORED + " Every image is encoded at "
+                                                           "the checkpoint's soft-token budget.")
+
+
+class ImagePart(BaseModel):
+    model_config = _STRICT
+
+    type: Literal["image_url"]
+    image_url: ImageURLField
+
+
 class ChatMessage(BaseModel):
     model_config = _STRICT
 
     role: Annotated[Literal["system", "developer", "user", "assistant"], BeforeValidator(_no_tool_roles)] = Field(
         description="`developer` is treated as `system`.")
-    content: Text | list[Annotated[TextPart, BeforeValidator(_text_parts_only)]] = Field(
-        description="A string or a list of text parts (joined with newlines). Image, audio and file parts are "
-        "a 400.")
+    content: Text | list[Annotated[TextPart | ImagePart, Field(discriminator="type"),
+                                  BeforeValidator(_text_and_image_parts)]] = Field(
+        description="A string or a list of text parts (joined with newlines) and image_url parts (on a model "
+        "with a vision tower; the server's limits on images per request, pixels and bytes apply). Audio and "
+        "file parts are a 400.")
     name: str | None = Field(None, description=IGNORED)
     refusal: str | None = Field(None, description=IGNORED)
     tool_calls: Annotated[list[dict[str, Any]] | None, _unsupported("tool_calls")] = Field(
@@ -240,11 +259,26 @@ class ChatMessage(BaseModel):
 
     @property
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(p.text for p in self.content if isinstance(p, TextPart))
 
-    def for_template(self) -> dict[str, str]:
-        """The message as the chat template sees it."""
-        return {"role": "system" if self.role == "developer" else self.role, "content": self.text}
+    @property
+    def image_parts(self) -> list[tuple[int, ImagePart]]:
+        """(index in content, part) of each image part."""
+        if isinstance(self.content, str):
+            return []
+        return [(j, p) for j, p in enumerate(self.content) if isinstance(p, ImagePart)]
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as the chat template sees it: text joined into a string; with images, a list of text parts
+        and one ``{"type": "image"}`` part per image, in order."""
+        role = "system" if self.role == "developer" else self.role
+        if not self.image_parts:
+            return {"role": role, "content": self.text}
+        parts = [{"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"}
+                 for p in self.content]  # type: ignore[union-attr]
+        return {"role": role, "content": parts}
 
 
 class ChatCompletionRequest(_GenerationFields):
@@ -288,6 +322,15 @@ class ChatCompletionRequest(_GenerationFields):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def image_urls(self) -> list[tuple[str, str]]:
+        return image_urls(self.messages)
+
+
+def image_urls(messages: list[ChatMessage]) -> list[tuple[str, str]]:
+    """(url, where) of every image part, in conversation order; ``where`` names the part for errors."""
+    return [(part.image_url.url, f"messages[{i}].content[{j}]")
+            for i, message in enumerate(messages) for j, part in message.image_parts]
 
 
 # -------------------------------------------------------------------------------------------- responses

@@ -1,12 +1,19 @@
-"""Turning a prompt or a chat into checked token ids: shared by the ingress's backend and the batch jobs."""
+"""Turning a prompt or a chat (images included) into checked token ids: shared by the ingress's backend and the batch
+jobs."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from dgserve.engine.request import InvalidRequest, MaxTokensTooLarge, PromptTooLong
+from dgserve.config import ImageSettings
+from dgserve.engine.request import InvalidRequest, MaxTokensTooLarge, PromptImage, PromptTooLong
 from dgserve.model.config import ModelConfig
+from dgserve.model.image_processing import ImageInputError, ImageProcessor
 from dgserve.model.tokenizer import TokenizerError, check_no_image_tokens
+from dgserve.model.vision_checkpoint import VisionSpec
+from dgserve.routing.image_prompts import expand_placeholders, load_images
+from dgserve.routing.images import ImageURL
 
 
 class InvalidPromptError(ValueError):
@@ -32,13 +39,19 @@ class InvalidPromptError(ValueError):
 
 class PromptEncoder:
     """Encodes prompts and chats with the checkpoint's tokenizer and rejects ids outside the vocabulary or image
-    placeholders (text only), as ``InvalidPromptError`` (a 400)."""
+    placeholders in text, as ``InvalidPromptError`` (a 400). Chats with image parts need ``vision`` (the
+    checkpoint's vision tower, when the deployment loads it)."""
 
-    def __init__(self, config: ModelConfig, tokenizer: Any) -> None:
+    def __init__(self, config: ModelConfig, tokenizer: Any, vision: VisionSpec | None = None,
+                 images: ImageSettings | None = None, vision_off: bool = False) -> None:
+        self._config = config
         self._vocab = config.text.vocab_size
         self._tokenizer = tokenizer
         image_id = config.image_token_id
         self._image_id = image_id if image_id is not None and image_id < self._vocab else tokenizer.image_id
+        self._processor = ImageProcessor(vision.processor) if vision is not None else None
+        self._image_settings = images or ImageSettings()
+        self._vision_off = vision_off
 
     def check_ids(self, ids: list[int]) -> list[int]:
         bad = next((t for t in ids if not 0 <= t < self._vocab), None)
@@ -60,3 +73,24 @@ class PromptEncoder:
             return self.check_ids(self._tokenizer.encode_chat(messages))
         except TokenizerError as exc:
             raise InvalidPromptError(str(exc)) from exc
+
+    async def encode_chat_with_images(self, messages: list[dict[str, Any]], urls: Sequence[ImageURL]
+                                      ) -> tuple[list[int], tuple[PromptImage, ...]]:
+        """``messages`` with one ``{"type": "image"}`` part per entry of ``urls`` (in order), rendered by the
+        chat template; each image placeholder expanded to the image's soft-token run."""
+        if self._processor is None:
+            raise InvalidPromptError(
+                "image inputs are turned off on this server (vision: off); start it with vision: auto (dgserve run "
+                "--vision auto, or model.vision in the deploy config) to accept image_url parts" if self._vision_off
+                else "this model has no vision tower (its checkpoint has no vision_config): send text content only",
+                "messages")
+        try:
+            images = await load_images(urls, self._image_settings, self._processor)
+            ids = self._tokenizer.encode_chat(messages)
+            ids, placed = expand_placeholders(ids, images, self._config)
+        except (ImageInputError, TokenizerError) as exc:
+            raise InvalidPromptError(str(exc), "messages") from exc
+        bad = next((t for t in ids if not 0 <= t < self._vocab), None)
+        if bad is not None:
+            raise InvalidPromptError(f"token id {bad} is outside the vocabulary [0, {self._vocab})", "messages")
+        return ids, placed

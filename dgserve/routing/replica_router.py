@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from dgserve.engine.prefix_keys import affinity_key
+from dgserve.engine.prompt_images import key_ids
 from dgserve.engine.request import GenerationRequest
 
 
@@ -102,4 +103,4 @@ class CanvasRouter(RequestRouter):
         req = pending_request.args[0]
         if not isinstance(req, GenerationRequest):
             return None
-        return affinity_key(req.prompt_ids, self._block_size, self._prefix_tokens)
+        return affinity_key(key_ids(req.prompt_ids, req.images), self._block_size, self._prefix_tokens)

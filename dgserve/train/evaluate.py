@@ -81,6 +81,33 @@ def sort_exact_match(loaded: LoadedModel, sampling: SamplingParams, n: int = 100
     return hits / n, misses, totals
 
 
+def sort_exact_match_engine(loaded: LoadedModel, sampling: SamplingParams, n: int = 100,
+                            execution: str = "fast") -> float:
+    """The same held-out sorting problems (seed = index), all served together by the batching engine in the
+    given execution mode: exact-match accuracy."""
+    from dgserve.engine.engine import Engine, EngineConfig
+    from dgserve.engine.request import CanvasEvent, FinalEvent, GenerationRequest
+
+    tok = loaded.tokenizer
+    assert tok is not None, "the checkpoint has no tokenizer"
+    canvas = loaded.config.canvas_length
+    engine = Engine(loaded.model, loaded.generation, tok, EngineConfig(execution=execution, kv_cache_memory=64 << 20))
+    problems = sort_eval_set(n)
+    for i, digits in enumerate(problems):
+        engine.add_request(GenerationRequest(prompt_ids=tok.encode(sort_prompt(digits)), max_tokens=canvas, seed=i,
+                                             sampling=sampling, request_id=str(i)))
+    texts: dict[str, str] = {}
+    finish: dict[str, str] = {}
+    for ev in engine.run_until_done():
+        if isinstance(ev, CanvasEvent):
+            texts[ev.request_id] = texts.get(ev.request_id, "") + ev.text
+        elif isinstance(ev, FinalEvent):
+            finish[ev.request_id] = ev.finish_reason
+    hits = sum(finish.get(str(i)) == "stop" and texts.get(str(i), "").strip() == sort_answer(d).strip()
+               for i, d in enumerate(problems))
+    return hits / n
+
+
 def _add(totals: dict[str, float], result) -> None:
     totals["tokens"] += result.stats.new_tokens
     totals["seconds"] += result.stats.seconds

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from dgserve.model.diffusion_gemma import DiffusionGemma
 from dgserve.model.layers import Attention, TransformerLayer, rope_cos_sin
-from dgserve.model.moe import ExpertWeights
+from dgserve.model.moe import LocalDispatcher
 
 
 def enable_training(model: DiffusionGemma) -> DiffusionGemma:
@@ -43,13 +43,6 @@ class PrefixKV:
         return PrefixKV([k.detach() for k in self.keys], [v.detach() for v in self.values], self.lengths)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x ``[B, T, heads, hd]``, cos/sin ``[B, T, hd]``; rotate-half as in ``layers.apply_rope``."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
-
-
 def _rope_tables(model: DiffusionGemma, positions: torch.Tensor, dtype: torch.dtype
                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     b, t = positions.shape
@@ -62,14 +55,12 @@ def _rope_tables(model: DiffusionGemma, positions: torch.Tensor, dtype: torch.dt
 
 def _qkv(attn: Attention, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Projections of ``h [B, T, H]`` -> q ``[B, heads, T, hd]``, k/v ``[B, kv_heads, T, hd]``."""
-    b, t, _ = h.shape
-    q = _rope(attn.q_norm(attn.q_proj(h).view(b, t, attn.num_heads, attn.head_dim)), cos, sin)
-    k_raw = attn.k_proj(h).view(b, t, attn.kv_heads, attn.head_dim)
-    v_raw = attn.v_proj(h).view(b, t, attn.kv_heads, attn.head_dim) if attn.v_proj is not None else k_raw
-    k = _rope(attn.k_norm(k_raw), cos, sin)
-    v = attn.v_norm(v_raw)
-    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    """Projections of ``h [B, T, H]`` -> q ``[B, heads, T, hd]``, k/v ``[B, kv_heads, T, hd]`` (the inference
+    path's own ``Attention.project`` over the flattened batch)."""
+    b, t, h_dim = h.shape
+    q, k, v = attn.project(h.reshape(b * t, h_dim), cos.reshape(b * t, -1), sin.reshape(b * t, -1))
+    return (q.view(b, t, *q.shape[1:]).transpose(1, 2), k.view(b, t, *k.shape[1:]).transpose(1, 2),
+            v.view(b, t, *v.shape[1:]).transpose(1, 2))
 
 
 def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
@@ -83,31 +74,17 @@ def _attend(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return o.transpose(1, 2).reshape(b, t, attn.num_heads * attn.head_dim)
 
 
-def moe_forward(experts: ExpertWeights, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Differentiable MoE: ``sum_k weights[n, k] * expert_{index[n, k]}(x[n])`` accumulated in fp32.
-
-    x ``[N, H]``, index/weights ``[N, K]``. One expert at a time (a handful of experts in training).
-    """
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-    for local, _ in enumerate(experts.expert_ids):
-        token, slot = (index == local).nonzero(as_tuple=True)
-        if token.numel():
-            y = experts.run_expert(local, x[token]).float() * weights[token, slot, None].float()
-            out = out.index_add(0, token, y)
-    return out.to(x.dtype)
+# Training runs each expert's rows as a plain matmul (torch's grouped kernel has no CPU backward); the combine and
+# everything else is the inference MoE's (dgserve.model.moe.run_moe).
+TRAINING_DISPATCHER = LocalDispatcher()
 
 
 def _after_attention(layer: TransformerLayer, x: torch.Tensor, attn_out: torch.Tensor, scalar: torch.Tensor
                      ) -> torch.Tensor:
-    """The rest of ``TransformerLayer.forward`` once attention has run (same order of operations)."""
+    """The rest of ``TransformerLayer.forward`` once attention has run: the same modules, dense MLP and MoE."""
     x = x + layer.post_attention_layernorm(layer.self_attn.o_proj(attn_out))
-    dense = layer.post_feedforward_layernorm_1(layer.mlp(layer.pre_feedforward_layernorm(x)))
-    weights, index = layer.router(x)
     b, t, h = x.shape
-    moe = moe_forward(layer.experts, layer.pre_feedforward_layernorm_2(x).reshape(b * t, h),
-                      index.reshape(b * t, -1), weights.reshape(b * t, -1)).view(b, t, h)
-    x = x + layer.post_feedforward_layernorm(dense + layer.post_feedforward_layernorm_2(moe))
-    return x * scalar
+    return layer.feed_forward(x.reshape(b * t, h), TRAINING_DISPATCHER, None, layer.layer).view(b, t, h) * scalar
 
 
 def encode_prefix(model: DiffusionGemma, tokens: torch.Tensor, lengths: torch.Tensor) -> PrefixKV:
