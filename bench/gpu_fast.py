@@ -87,20 +87,26 @@ def _median_ms(fn, reps: int, device: torch.device) -> float:
     return round(1000 * statistics.median(times), 3)
 
 
-def sync_debug(model: DiffusionGemma) -> dict[str, Any]:
+def sync_debug(model: DiffusionGemma, **kernels: str) -> dict[str, Any]:
+    """One steady-state step (the runner's device program: ``kernels`` picks its sampler and MoE kernels) under
+    ``set_sync_debug_mode("error")``: any host synchronisation raises."""
     pool = _pool(model, 4)
-    runner = FastRunner(model, pool, num_slots=8)
+    runner = FastRunner(model, pool, num_slots=8, **kernels)
     rows = _rows(runner, pool, 4)
     runner.run(rows)  # warm-up (first-use copies, allocator)
+    for r in rows:
+        r.fresh = False
     layout, inp = _input(runner, rows)
     _sync(model.device)
     torch.cuda.set_sync_debug_mode("error")
     try:
         with torch.inference_mode():
-            fs.fast_step(model, runner.algorithm, layout, inp, runner.state, pool.k_flat, pool.v_flat, runner.scratch)
+            out = runner.step_fn(model, runner.algorithm, layout, inp, runner.state, pool.k_flat, pool.v_flat,
+                                 runner.scratch)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    return {"sync_free": True, "rows": 4}
+    assert out.shape == (runner.row_bucket(len(rows)), 2 + runner.canvas)
+    return {"sync_free": True, "rows": 4, "sampler_kernel": runner.sampler_kernel, "moe_kernel": runner.moe_kernel}
 
 
 def forward_modes(model: DiffusionGemma, canvases: int, reps: int, compile: bool) -> dict[str, Any]:

@@ -610,6 +610,9 @@ def fast_section(suite: Suite, section: str, model: DiffusionGemma, prompt: list
     head = s.steps[0]
     if suite.device.type == "cuda":
         suite.measure(section, "sync_debug", lambda: gpu_fast.sync_debug(model))
+        if kernels.available(suite.device):
+            suite.measure(section, "sync_debug_triton_kernels", lambda: gpu_fast.sync_debug(
+                model, sampler_kernel="triton", moe_kernel="triton"))
     for c in s.fast_canvases:
         suite.measure(section, f"modes_{c}", lambda c=c: gpu_fast.forward_modes(model, c, s.reps, compile=False))
     if section == "fast":  # the sampler reads the tied embedding, which FP8 leaves in bf16

@@ -19,15 +19,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
-threadpoolctl = pytest.importorskip("threadpoolctl")
 
-from dgserve import kernels  # noqa: E402
-from dgserve.engine import fast_step as fs  # noqa: E402
-from dgserve.kernels import fused_moe  # noqa: E402
-from dgserve.model import quantization as quant  # noqa: E402
-from dgserve.model.checkpoint import _empty_model, load  # noqa: E402
-from dgserve.model.config import TINY_RANDOM  # noqa: E402
-from dgserve.model.moe import ExpertBatch, ExpertWeights, expert_runs  # noqa: E402
+from dgserve import kernels
+from dgserve.engine import fast_step as fs
+from dgserve.kernels import fused_moe, quantize
+from dgserve.model import quantization as quant
+from dgserve.model.checkpoint import _empty_model, load
+from dgserve.model.config import TINY_RANDOM
+from dgserve.model.moe import ExpertBatch, ExpertWeights, expert_runs
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = [pytest.mark.skipif(not kernels.available(DEVICE), reason="Triton cannot run here"),
@@ -39,7 +38,12 @@ pytestmark = [pytest.mark.skipif(not kernels.available(DEVICE), reason="Triton c
 @pytest.fixture(autouse=True)
 def _one_blas_thread():
     """The interpreter runs ``tl.dot`` as numpy matmuls, whose OpenBLAS thread pool only thrashes on a small shared
-    machine (1,000x slower here)."""
+    machine (1,000x slower here). Compiled on a GPU, numpy is not involved."""
+    if DEVICE.type == "cuda":
+        yield
+        return
+    import threadpoolctl
+
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
         yield
 
@@ -182,6 +186,21 @@ def test_fp8_linear_through_the_kernel_matches_emulation():
                                                                                           "emulated"))
     torch.testing.assert_close(quant.fp8_linear(x, w, s, "weight_only", "triton"), x @ (w.float() * s[:, None]).t(),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_quantize_kernel_is_bit_identical_to_torch():
+    """Per-token FP8 quantization in one kernel against the torch ops: the same scales and the same e4m3 bits,
+    across magnitudes (a zero row, values in e4m3's subnormal range, roundings that carry into the exponent)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(45, 300, generator=g) * torch.logspace(-3, 3, 45)[:, None]
+    x[3] = 0
+    x[7, :5] = torch.tensor([1.0, 127.6 / 448, -0.999, 2.0 ** -8, 3 * 2.0 ** -10])  # row amax 1: scale 1/448
+    for dtype in (torch.float32, torch.bfloat16):
+        xs = x.to(dtype).to(DEVICE)
+        q, s = quantize.quantize_rows(xs)
+        q_ref, s_ref = quant.quantize_rows(xs.cpu())
+        assert torch.equal(s.cpu(), s_ref)
+        assert torch.equal(q.cpu().view(torch.uint8), q_ref.view(torch.uint8))
 
 
 def test_fast_runner_with_both_kernels_gives_the_torch_runners_tokens():

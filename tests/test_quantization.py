@@ -262,6 +262,33 @@ def test_fp8_fast_forward_matches_exact_mode():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
 
 
+def test_published_fp8_fast_forward_on_meta_is_sync_free(monkeypatch):
+    """The CPU proxy of the CUDA FP8 path: the published model with W8A8 modules (``_scaled_mm`` for the dense
+    projections, ``_scaled_grouped_mm`` for the experts, as on an H100) runs its fast forward on the meta device (no
+    op reads a value) with no sync-class or cross-device op, and FP8 adds only the activation quantization's ops
+    (a fixed number per projection, none per canvas)."""
+    from bench.op_log import forward_ops, meta_model
+
+    monkeypatch.setattr(quant, "_cuda_scaled_ops", lambda index: (True, True))  # torch's kernels, as on an H100
+    runners = {}
+    for method in ("none", "fp8"):
+        model = meta_model("diffusiongemma-26b-a4b")
+        quant.convert_(model, quant.QuantizationPlan(method, "w8a8" if method == "fp8" else None),
+                       torch.device("meta"))
+        pool = KVPagePool(model.config, 256, 256, block_size=16, dtype=torch.bfloat16, device="meta",
+                          scratch_tokens=model.config.canvas_length)
+        runners[method] = FastRunner(model, pool, num_slots=8)
+    experts = runners["fp8"].model.layers[0].experts
+    assert experts.grouped_backend == "scaled_grouped_mm"
+    assert runners["fp8"].model.layers[0].self_attn.q_proj.backend == "scaled_mm"
+    logs = {m: forward_ops(r, n) for m, r in runners.items() for n in (1,)}
+    fp8 = logs["fp8"]
+    assert not fp8.sync and not fp8.cross_device, (fp8.sync, fp8.cross_device)
+    assert fp8.ops["_scaled_mm"] > 0 and fp8.ops["_scaled_grouped_mm"] == 2 * 30
+    eight = forward_ops(runners["fp8"], 8)
+    assert eight.launching == fp8.launching + (logs["none"].launching - logs["none"].launching)  # none per canvas
+
+
 @pytest.mark.parametrize("execution", ["exact", "fast"])
 def test_fp8_engine_serves_requests_in_both_modes(execution):
     lm = load("tiny-random", **EMULATED)

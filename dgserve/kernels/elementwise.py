@@ -35,3 +35,15 @@ def round_to_bf16(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_to_e4m3(v):
+    """fp32 ``v`` (``|v| <= 448``) rounded to the nearest float8 e4m3 value (ties to even), still as fp32. The
+    interpreter's conversion to fp8 mishandles a rounding that carries into the exponent (127.6 became 64); after
+    this the conversion is exact on both. Normal values keep 3 mantissa bits; below 2^-6 the grid is 2^-9, reached
+    by adding and subtracting 1.5 * 2^14 (whose fp32 ulp is 2^-9)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000).to(tl.float32, bitcast=True)
+    subnormal = (v + 24576.0) - 24576.0
+    return tl.where(tl.abs(v) < 0.015625, subnormal, normal)

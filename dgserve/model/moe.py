@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgserve.model.batch_invariance import segment_runs_pay_off
+from dgserve.model.triton_ops import fused_expert_mlp
 
 
 @dataclass
@@ -66,8 +67,6 @@ class ExpertWeights(nn.Module):
         if batch.runs is not None:
             return expert_runs(batch.x, batch.runs, self)
         if self.kernel == "triton" and batch.x.shape[0]:
-            from dgserve.model.fused_experts import fused_expert_mlp
-
             return fused_expert_mlp(batch.x, batch.counts, self)
         return grouped_expert_mlp(batch.x, batch.counts, self)
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from dgserve.model.config import ModelConfig
 from dgserve.model.moe import ExpertBatch, ExpertWeights, expert_runs, grouped_mm, grouped_mm_supported
+from dgserve.model.triton_ops import fp8_linear_triton, fused_expert_mlp, quantize_rows_triton
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,10 @@ def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-token quantization of activations ``[T, K]`` -> e4m3 ``[T, K]`` and fp32 scales ``[T, 1]``."""
+    """Dynamic per-token quantization of activations ``[T, K]`` -> e4m3 ``[T, K]`` and fp32 scales ``[T, 1]``; on a
+    GPU one Triton kernel (``dgserve.kernels.quantize``, the same bits) where Triton runs."""
+    if x.device.type == "cuda" and _triton_ok(x.device):
+        return quantize_rows_triton(x)
     scale = x.abs().amax(-1, keepdim=True).float().clamp(min=_TINY) / FP8_MAX
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
@@ -153,9 +157,14 @@ def _cuda_scaled_ops(index: int) -> tuple[bool, bool]:
 
 
 def _triton_ok(device: torch.device) -> bool:
+    return _triton_on(device.type)
+
+
+@functools.cache
+def _triton_on(device_type: str) -> bool:
     from dgserve import kernels
 
-    return kernels.available(device)
+    return kernels.available(torch.device(device_type))
 
 
 def linear_backend(compute: Fp8Compute, device: torch.device, in_features: int, out_features: int) -> str:
@@ -179,11 +188,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, compu
         q, s = quantize_rows(x)
         return torch._scaled_mm(q, weight.t(), scale_a=s, scale_b=scale[None], out_dtype=x.dtype)
     if backend == "triton":
-        from dgserve.kernels import fused_moe
-
-        counts = torch.full((1,), x.shape[0], dtype=torch.int32, device=x.device)
-        return fused_moe.grouped_linear(x, counts, weight[None], scale[None],
-                                        quantize_rows if compute == "w8a8" else None)
+        return fp8_linear_triton(x, weight, scale, compute == "w8a8")
     return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
 
 
@@ -250,8 +255,6 @@ class Fp8ExpertWeights(ExpertWeights):
         if batch.x.shape[0] == 0:
             return batch.x.new_empty(0, batch.x.shape[1])
         if self.kernel == "triton" or self.grouped_backend == "triton":
-            from dgserve.model.fused_experts import fused_expert_mlp
-
             return fused_expert_mlp(batch.x, batch.counts, self)
         if self.grouped_backend == "scaled_grouped_mm":
             return self._scaled_grouped(batch.x, batch.counts)
