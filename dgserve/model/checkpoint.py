@@ -352,8 +352,7 @@ def _fill_from_safetensors(model: DiffusionGemma, files: dict[str, Path], dtype:
                         target.copy_(tensor)
                         scale_target.copy_(scale)
                 elif scale is not None:
-                    target.copy_(quant.dequantize(tensor.to(target.device), scale.to(target.device),
-                                                         target.dtype))
+                    quant.dequantize_into_(target, tensor, scale)
                 else:
                     target.copy_(tensor.to(target.dtype))
     except quant.QuantizationError as exc:

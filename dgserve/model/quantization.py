@@ -119,6 +119,16 @@ def quantize_into_(weight: torch.Tensor, scale: torch.Tensor, full: torch.Tensor
         scale[start + i:start + i + part.shape[0]].copy_(s)
 
 
+def dequantize_into_(target: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> None:
+    """``target`` (full precision) = ``q * scale`` per output channel, a few rows at a time on target's device (an FP8
+    checkpoint read into an unquantized model)."""
+    per_row = max(1, q[0].numel()) if q.shape[0] else 1
+    step = max(1, QUANTIZE_CHUNK // per_row)
+    for i in range(0, q.shape[0], step):
+        target[i:i + step].copy_(dequantize(q[i:i + step].to(target.device), scale[i:i + step].to(target.device),
+                                            target.dtype))
+
+
 def is_fp8(t: torch.Tensor) -> bool:
     return t.dtype == FP8
 
@@ -265,6 +275,8 @@ class Fp8ExpertWeights(ExpertWeights):
     def sync_free(self, x: torch.Tensor) -> bool:
         if self.grouped_backend == "emulated":
             return _f32_grouped_ok(x, self)
+        if self.grouped_backend == "dequant" and self.kernel != "triton":
+            return grouped_mm_supported(x, self)
         return True
 
     def _scaled_grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -293,6 +305,8 @@ class Fp8ExpertWeights(ExpertWeights):
         return (y * s * self.down_proj_scale.index_select(0, expert)).to(x.dtype)
 
     def _dequantized_grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if not grouped_mm_supported(x, self):
+            return expert_runs(x, [(i, int(n)) for i, n in enumerate(counts.tolist())], self)
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
         gate_up = F.grouped_mm(x, dequantize(self.gate_up_proj, self.gate_up_proj_scale, x.dtype).transpose(-2, -1),
                                offs=offs)
