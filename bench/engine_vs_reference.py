@@ -138,6 +138,21 @@ def _compare(runs: dict[str, list[dict[str, Any]]], side: str = "dgserve"
     return med, best, best[side] / best["reference"], med[side] / med["reference"]
 
 
+def _record(part: dict[str, Any], runs: dict[str, list[dict[str, Any]]], side: str, goal: float
+            ) -> tuple[dict[str, float], float]:
+    """Put ``side``'s figures against the reference into ``part`` (keys prefixed by the mode, none for exact);
+    returns the best tokens/s per side and the ratio of the bests."""
+    med, best, ratio, ratio_median = _compare(runs, side)
+    key = "" if side == "dgserve" else side.removeprefix("dgserve-") + "_"
+    part.update({
+        "reference_tokens_per_s": round(best["reference"], 3),
+        f"dgserve_{key}tokens_per_s": round(best[side], 3), f"{key}ratio": round(ratio, 3),
+        "reference_tokens_per_s_median": round(med["reference"], 3),
+        f"dgserve_{key}tokens_per_s_median": round(med[side], 3), f"{key}ratio_median": round(ratio_median, 3),
+        f"{key}goal": goal, f"{key}met": ratio >= goal})
+    return best, ratio
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_preset_args(p, "tiny-random at the smallest sizes (the smoke test)")
@@ -235,14 +250,7 @@ def run(a: argparse.Namespace) -> None:
             bench.progress(f"(a) {side}: {runs[side][-1]['tokens_per_s']} tok/s")
         results["a"] = {"prompt_len": a.prompt_len, "max_tokens": a.max_tokens, "reps": a.reps_a, "runs": runs}
         for side in engines:
-            med, best, ratio, ratio_median = _compare(runs, side)
-            key = "" if side == "dgserve" else side.removeprefix("dgserve-") + "_"
-            results["a"].update({
-                "reference_tokens_per_s": round(best["reference"], 3),
-                f"dgserve_{key}tokens_per_s": round(best[side], 3), f"{key}ratio": round(ratio, 3),
-                "reference_tokens_per_s_median": round(med["reference"], 3),
-                f"dgserve_{key}tokens_per_s_median": round(med[side], 3), f"{key}ratio_median": round(ratio_median, 3),
-                f"{key}goal": GOAL_BATCH1, f"{key}met": ratio >= GOAL_BATCH1})
+            best, ratio = _record(results["a"], runs, side, GOAL_BATCH1)
             if side == "dgserve":  # exact mode: the same random stream as the reference
                 agree = [sum(x == y for x, y in zip(tokens[r, "reference"], tokens[r, side], strict=True))
                          / a.max_tokens for r in range(a.reps_a)]
@@ -267,14 +275,7 @@ def run(a: argparse.Namespace) -> None:
                         "prompt_range": list(a.prompt_range), "tokens_range": list(a.tokens_range),
                         "useful_tokens": useful[0], "reps": a.reps_b, "runs": runs}
         for side in engines:
-            med, best, ratio, ratio_median = _compare(runs, side)
-            key = "" if side == "dgserve" else side.removeprefix("dgserve-") + "_"
-            results["b"].update({
-                "reference_tokens_per_s": round(best["reference"], 3),
-                f"dgserve_{key}tokens_per_s": round(best[side], 3), f"{key}ratio": round(ratio, 3),
-                "reference_tokens_per_s_median": round(med["reference"], 3),
-                f"dgserve_{key}tokens_per_s_median": round(med[side], 3), f"{key}ratio_median": round(ratio_median, 3),
-                f"{key}goal": GOAL_STAGGERED, f"{key}met": ratio >= GOAL_STAGGERED})
+            best, ratio = _record(results["b"], runs, side, GOAL_STAGGERED)
             rows.append([f"(b) {a.requests} staggered, every {a.gap:g} s, {side}",
                          f"{a.prompt_range[0]}-{a.prompt_range[1]} / {a.tokens_range[0]}-{a.tokens_range[1]}",
                          best["reference"], best[side], f"{ratio:.2f}x", f">= {GOAL_STAGGERED:g}x",

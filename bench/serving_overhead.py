@@ -87,7 +87,7 @@ def run_in_process(aengine: Any, specs: list[RequestSpec], concurrency: int, tag
             if isinstance(ev, FinalEvent):
                 if ev.finish_reason != "length":
                     raise RuntimeError(f"{req.request_id}: {ev.finish_reason} {ev.error}")
-                return ev.stats.new_tokens
+                return ev.stats.completion_tokens  # what the API's usage counts (pad ids are not text)
         raise RuntimeError(f"{req.request_id}: no final event")
 
     return _summary(*asyncio.run(_closed_loop(specs, concurrency, one)))

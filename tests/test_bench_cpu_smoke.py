@@ -135,9 +135,11 @@ def test_serving_overhead_small(serve_http: str, tmp_path: Path) -> None:
     record = json.loads(out.read_text().splitlines()[-1])
     r = _check_record(record, "serving_overhead", out)
     _positive(r, "in_process_tokens_per_s", "http_serve_tokens_per_s", "ratio")
-    for side in ("in_process", "http_serve"):
-        for run in r["runs"][side]:
-            assert run["new_tokens"] == r["requests"] * r["max_tokens"]
+    counted = {side: [run["new_tokens"] for run in r["runs"][side]] for side in ("in_process", "http_serve")}
+    # both sides count the API's completion tokens (pad ids excluded) of the same seeded requests
+    assert counted["in_process"] == counted["http_serve"], counted
+    assert all(0.5 * r["requests"] * r["max_tokens"] < n <= r["requests"] * r["max_tokens"]
+               for n in counted["in_process"]), counted
 
 
 def test_bench_cli_lists_and_rejects(capsys: pytest.CaptureFixture[str]) -> None:
