@@ -7,13 +7,10 @@ run them), and :func:`resolve` turns a ``"auto" | "torch" | "triton"`` setting i
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 from typing import Literal
 
 import torch
-
-log = logging.getLogger(__name__)
 
 KernelChoice = Literal["auto", "torch", "triton"]
 KernelName = Literal["sampler", "moe"]
