@@ -180,12 +180,12 @@ def kernels(model: DiffusionGemma) -> dict[str, Any]:
     return {"kernels_per_forward_one_canvas": n}
 
 
-def _engine(model: DiffusionGemma, concurrent: int, compile: bool) -> Engine:
+def _engine(model: DiffusionGemma, concurrent: int, compile: bool, kernel: str = "auto") -> Engine:
     c = model.config.canvas_length
     return Engine(model, GenerationDefaults(eos_token_ids=()), None, EngineConfig(
         execution="fast", kv_cache_memory=(8 << 30) if model.device.type == "cuda" else (64 << 20),
         max_running=max(concurrent, 1), max_step_tokens=max(concurrent, 1) * c + 512, enable_prefix_cache=False,
-        compile=compile, cuda_graphs=model.device.type == "cuda"))
+        compile=compile, cuda_graphs=model.device.type == "cuda", sampler_kernel=kernel, moe_kernel=kernel))
 
 
 def _serve(engine: Engine, prompts: list[list[int]], max_tokens: int, steps: int, tag: str
@@ -208,9 +208,10 @@ def _serve(engine: Engine, prompts: list[list[int]], max_tokens: int, steps: int
     return time.perf_counter() - t0, commits, tokens
 
 
-def engine_batch1(model: DiffusionGemma, prompt: list[int], steps: int, canvases: int, compile: bool
-                  ) -> dict[str, Any]:
-    engine = _engine(model, 1, compile)
+def engine_batch1(model: DiffusionGemma, prompt: list[int], steps: int, canvases: int, compile: bool,
+                  kernel: str = "auto") -> dict[str, Any]:
+    """``kernel``: the engine's sampler and MoE kernels (``auto``, ``torch`` or ``triton``)."""
+    engine = _engine(model, 1, compile, kernel)
     c = model.config.canvas_length
     _serve(engine, [prompt], 2 * c, steps, "warm")  # captures the bucket's graphs
     wall, commits, tokens = _serve(engine, [prompt], canvases * c, steps, "b1_")
@@ -220,18 +221,20 @@ def engine_batch1(model: DiffusionGemma, prompt: list[int], steps: int, canvases
             "first_canvas_s": round(commits[0], 4) if commits else None,
             "inter_canvas_ms": round(1000 * statistics.mean(gaps), 3) if gaps else None,
             "tokens_per_s_steady_state": round(c / statistics.mean(gaps), 2) if gaps else None,
-            "forwards": engine.forwards, "compile": compile}
+            "forwards": engine.forwards, "compile": compile, "kernels": engine.runner.moe_kernel}
 
 
-def engine_concurrent(model: DiffusionGemma, prompts: list[list[int]], steps: int, compile: bool) -> dict[str, Any]:
-    engine = _engine(model, len(prompts), compile)
+def engine_concurrent(model: DiffusionGemma, prompts: list[list[int]], steps: int, compile: bool,
+                      kernel: str = "auto") -> dict[str, Any]:
+    engine = _engine(model, len(prompts), compile, kernel)
     c = model.config.canvas_length
     _serve(engine, prompts[:2], c, 2, "warm")
     wall, _, tokens = _serve(engine, prompts, c, steps, "cc")
     return {"concurrent": len(prompts), "steps": steps, "new_tokens": tokens, "wall_s": round(wall, 4),
             "aggregate_tokens_per_s": round(tokens / wall, 2), "forwards": engine.forwards,
             "max_canvases_per_forward": max(engine.canvases_in_forward, default=0),
-            "ms_per_forward": round(1000 * wall / max(1, engine.forwards), 3), "compile": compile}
+            "ms_per_forward": round(1000 * wall / max(1, engine.forwards), 3), "compile": compile,
+            "kernels": engine.runner.moe_kernel}
 
 
 def sampler_kernel(model: DiffusionGemma, reps: int) -> dict[str, Any]:

@@ -623,6 +623,12 @@ def fast_section(suite: Suite, section: str, model: DiffusionGemma, prompt: list
                   lambda: gpu_fast.engine_batch1(model, prompt, head, 4, compile=False))
     suite.measure(section, f"engine_concurrent_{s.concurrent}",
                   lambda: gpu_fast.engine_concurrent(model, concurrent_prompts, head, compile=False))
+    if section == "fast_fp8" and suite.device.type == "cuda" and kernels.available(suite.device):
+        suite.measure(section, f"engine_batch1_steps_{head}_triton",
+                      lambda: gpu_fast.engine_batch1(model, prompt, head, 4, compile=False, kernel="triton"))
+        suite.measure(section, f"engine_concurrent_{s.concurrent}_triton",
+                      lambda: gpu_fast.engine_concurrent(model, concurrent_prompts, head, compile=False,
+                                                         kernel="triton"))
 
 
 def kernel_section(suite: Suite, model: DiffusionGemma, weights: str, sampler: bool = True) -> None:
