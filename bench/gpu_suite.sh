@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of every open issue in one go, for a lent GPU machine (< 10 min on an H100/H200):
-#   1. the CUDA tests (tests/test_fast_gpu.py, the NCCL EP tests): sync-free step, graph replay == eager,
-#      compiled == eager, the engine with CUDA graphs;
+#   1. the CUDA tests (tests/test_fast_gpu.py, tests/test_fp8_gpu.py, the NCCL EP tests, then the Triton kernels
+#      of tests/test_kernels.py compiled): sync-free step, graph replay == eager, compiled == eager, the engine with
+#      CUDA graphs; FP8 W8A8 against its CPU emulation, FP8 + Triton kernels sync-free and captured;
 #   2. bench/gpu_suite.py: DiffusionGemma 26B-A4B, random bf16 weights: the fast path (sync-debug step,
 #      eager/graphed/compiled steps at 1/8/64 canvases, sampler, kernels per forward, batch-1 and 64-concurrent
 #      tokens/s), then the exact path's figures on the same card.
@@ -29,8 +30,12 @@ done
 mkdir -p "$OUT"
 if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "== CUDA tests"
-  timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_fast_gpu.py tests/test_ep.py \
+  timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/test_fast_gpu.py tests/test_fp8_gpu.py \
+    tests/test_ep.py \
     2>&1 | tee "$OUT/cuda_tests.log" | tail -15 || echo "CUDA tests: FAILED or timed out (see $OUT/cuda_tests.log)"
+  echo "== Triton kernels compiled (tests/test_kernels.py)"
+  timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+    2>&1 | tee "$OUT/kernel_tests.log" | tail -8 || echo "kernel tests: FAILED or timed out (see $OUT/kernel_tests.log)"
 fi
 echo "== benchmark suite"
 exec "$PY" bench/gpu_suite.py "$@"

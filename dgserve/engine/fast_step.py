@@ -11,6 +11,7 @@ canvas, the draft of one still running).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +120,17 @@ def canvas_vocab_pass(model: DiffusionGemma, hidden: torch.Tensor, temp: torch.T
     return sample, argmax, entropy, model.soft_embeddings(probs)
 
 
+def kernel_vocab_pass(model: DiffusionGemma, hidden: torch.Tensor, temp: torch.Tensor, u: torch.Tensor,
+                      greedy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`canvas_vocab_pass` through the fused Triton sampler (``dgserve.kernels.sampler``): the LM-head GEMM,
+    then kernels that read its ``[C, V]`` output and write no vocabulary-sized tensor of their own."""
+    from dgserve.kernels import sampler
+
+    sample, argmax, entropy, soft = sampler.vocab_pass(hidden, model.embed_tokens.weight, model.embed_scale_value(),
+                                                       model.config.text.final_logit_softcapping, temp, u)
+    return torch.where(greedy, argmax, sample), argmax, entropy, soft
+
+
 @dataclass
 class StepInputs:
     """The unpacked input rows of a step (device tensors) and the model batch built from them."""
@@ -188,10 +200,15 @@ def step_inputs(model: DiffusionGemma, layout: StepLayout, inp: torch.Tensor, st
                       max_steps)
 
 
+VocabPass = Callable[[DiffusionGemma, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                     tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
 def fast_step(model: DiffusionGemma, algorithm: DenoisingAlgorithm, layout: StepLayout, inp: torch.Tensor,
               state: CanvasState, k_pages: list[torch.Tensor], v_pages: list[torch.Tensor],
-              scratch: dict[str, int]) -> torch.Tensor:
-    """One step over the rows of ``inp [S, layout.width]`` (int32); returns ``[S, 2 + C]`` int32."""
+              scratch: dict[str, int], vocab_pass: VocabPass = canvas_vocab_pass) -> torch.Tensor:
+    """One step over the rows of ``inp [S, layout.width]`` (int32); returns ``[S, 2 + C]`` int32. ``vocab_pass``:
+    :func:`canvas_vocab_pass` (torch) or :func:`kernel_vocab_pass` (the fused Triton sampler)."""
     c, vocab = layout.canvas, model.config.text.vocab_size
     x = step_inputs(model, layout, inp, state, scratch)
     seed_lo, seed_hi, canvas_index, cur_step, max_steps = x.seed_lo, x.seed_hi, x.canvas_index, x.cur_step, x.max_steps
@@ -206,7 +223,7 @@ def fast_step(model: DiffusionGemma, algorithm: DenoisingAlgorithm, layout: Step
     greedy = inp[:, F_GREEDY] != 0
     samples, argmaxes, entropies, softs = [], [], [], []
     for r in range(hidden.shape[0]):
-        sample, argmax, entropy, soft_r = canvas_vocab_pass(model, hidden[r], temp[r], u[r], greedy[r])
+        sample, argmax, entropy, soft_r = vocab_pass(model, hidden[r], temp[r], u[r], greedy[r])
         samples.append(sample)
         argmaxes.append(argmax)
         entropies.append(entropy)
