@@ -94,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--ar-batch", type=int, default=None, help="batched AR sequences (default 16; smoke 4)")
     p.add_argument("--ar-tokens", type=int, default=0, help="AR new tokens per sequence (default: canvas length)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions of each packed forward")
-    p.add_argument("--time-budget", type=float, default=390.0,
+    p.add_argument("--time-budget", type=float, default=300.0,
                    help="seconds after start past which remaining measurements are skipped")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's; smoke 1)")
