@@ -32,7 +32,7 @@ from dgserve.engine.kv_pages import KVPagePool, PagedKV  # noqa: E402
 from dgserve.engine.request import GenerationRequest  # noqa: E402
 from dgserve.engine.runner import FastRunner  # noqa: E402
 from dgserve.engine.sampler import default_chunk_rows  # noqa: E402
-from dgserve.model.checkpoint import load  # noqa: E402
+from dgserve.model.checkpoint import LoadedModel, load  # noqa: E402
 from dgserve.model.generation_config import SamplingParams  # noqa: E402
 from dgserve.model.kv import Segment  # noqa: E402
 from dgserve.model.layers import TransformerLayer, rope_cos_sin  # noqa: E402
@@ -86,8 +86,9 @@ def engine_sync_ops(execution: str) -> int:
     return len(log.sync) + len(log.cross_device)
 
 
-def graph_breaks() -> dict[str, int]:
-    tiny = load("tiny-random")
+def graph_breaks(tiny: LoadedModel | None = None) -> dict[str, int]:
+    """Graph breaks in a sliding and a full layer's fast forward (``tiny``: default the tiny-random preset)."""
+    tiny = tiny or load("tiny-random")
     model, cfg = tiny.model, tiny.config
     pool = KVPagePool(cfg, 32, 32, block_size=16, dtype=model.dtype, scratch_tokens=cfg.canvas_length)
     runner = FastRunner(model, pool, num_slots=4)

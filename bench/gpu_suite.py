@@ -3,11 +3,14 @@
 First the fast path (``bench/gpu_fast.py``): a steady-state step under ``set_sync_debug_mode("error")``, the
 step eager / graphed (/ compiled) at 1, 8 and 64 canvases with their agreement, the old vs the new sampler, CUDA
 kernels per forward, batch-1 tokens/s at 16 steps (end to end and steady state) and the aggregate at 64
-concurrent requests. Then the exact path's figures on the same card, for comparison: batch-1 block-diffusion
+concurrent requests; the Triton kernels against the torch path (fused sampler; fused MoE vs ``grouped_mm``). Then
+the same fast-path figures with FP8 weights (``--quantization``; the bf16 model is freed first, so both fit an
+80 GB card in turn), with FP8 MoE kernel comparisons, weight bytes and peak memory. Then the exact path's figures on
+the same card, for comparison: batch-1 block-diffusion
 decoding (fixed 16/12/48 denoising steps), the autoregressive baseline on the same backbone
 (``bench/ar_baseline.py``, batch 1 and 16), the exact engine and packed forwards at 8/32/64 canvases, and peak
 GPU memory. Writes ``results.json`` and ``results.md`` to ``--out``; ``--cpu-smoke`` runs it all on
-``tiny-random`` (no graphs, no sync-debug mode there).
+``tiny-random`` (no graphs, no sync-debug mode, no Triton kernels there; FP8 emulated).
 """
 
 from __future__ import annotations
@@ -32,8 +35,11 @@ import torch
 
 from bench import gpu_fast
 from bench.ar_baseline import device_sync, generate_ar, new_kv
+from dgserve import kernels
+from dgserve.engine.memory_plan import memory_plan
 from dgserve.engine.sampler import StabilityTracker, denoise_step, random_canvas, vocab_pass
 from dgserve.engine.single import generate_single, make_generator
+from dgserve.model import quantization as quant
 from dgserve.model.checkpoint import _empty_model, resolve_dtype
 from dgserve.model.config import PRESETS, human_params
 from dgserve.model.diffusion_gemma import DiffusionGemma
@@ -71,6 +77,7 @@ class Settings:
     fast_canvases: list[int] = field(default_factory=lambda: [1, 8, 64])
     concurrent: int = 64
     compile: bool = True
+    quantizations: list[str] = field(default_factory=lambda: ["none", "fp8"])
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -87,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--ar-batch", type=int, default=None, help="batched AR sequences (default 16; smoke 4)")
     p.add_argument("--ar-tokens", type=int, default=0, help="AR new tokens per sequence (default: canvas length)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions of each packed forward")
-    p.add_argument("--time-budget", type=float, default=390.0,
+    p.add_argument("--time-budget", type=float, default=300.0,
                    help="seconds after start past which remaining measurements are skipped")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's; smoke 1)")
@@ -95,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
                    help="fast path: canvases per step timed (default 1,8,64; smoke 1,2)")
     p.add_argument("--concurrent", type=int, default=None,
                    help="fast engine: concurrent requests (default 64; smoke 4)")
+    p.add_argument("--quantization", default="none,fp8",
+                   help="weight formats whose fast path is measured, in turn (default none,fp8; CPU: FP8 emulated)")
     p.add_argument("--no-compile", action="store_true",
                    help="skip the torch.compile'd timings (they compile for minutes)")
     a = p.parse_args(argv)
@@ -111,7 +120,10 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         threads=a.threads or (1 if smoke else 0), cpu_smoke=smoke, out=a.out,
         fast_canvases=_ints(a.fast_canvases or ("1,2" if smoke else "1,8,64"), "--fast-canvases"),
         concurrent=a.concurrent or (4 if smoke else 64), compile=not a.no_compile and not smoke,
+        quantizations=[q.strip() for q in a.quantization.split(",") if q.strip()],
     )
+    if not s.quantizations or set(s.quantizations) - {"none", "fp8"}:
+        p.error(f"--quantization {a.quantization!r}: a comma-separated list of none and fp8")
     if s.config not in PRESETS:
         p.error(f"--config {s.config!r} is not a preset; choose one of {', '.join(sorted(PRESETS))}")
     if s.device == "cuda" and not torch.cuda.is_available():
@@ -217,15 +229,27 @@ def _ms(seconds: float) -> float:
 # -- model ---------------------------------------------------------------------------------------------
 
 
-def build_random_model(config_name: str, dtype: torch.dtype, device: torch.device, seed: int) -> DiffusionGemma:
+def build_random_model(config_name: str, dtype: torch.dtype, device: torch.device, seed: int,
+                       quantization: str = "none") -> DiffusionGemma:
     """The preset with random weights drawn in place on ``device``: normal(0, 0.02) for matrices, ones
     for norms and scales (``checkpoint.init_random_``'s distribution; its device-independent CPU stream
-    would take far too long for 25B parameters)."""
-    model = _empty_model(PRESETS[config_name], dtype, device, None)
+    would take far too long for 25B parameters). ``fp8``: the FP8 modules (emulated on CPU), each matrix drawn in
+    ``dtype`` a slice at a time and quantized, as loading a bf16 checkpoint does."""
+    plan = quant.plan(quantization, device, dtype, emulation=device.type != "cuda")
+    model = _empty_model(PRESETS[config_name], dtype, device, None, plan)
     gen = torch.Generator(device=device).manual_seed(seed)
+    state = model.state_dict(keep_vars=True)
+    scales = {quant.scale_name(n) for n, t in state.items() if quant.is_fp8(t)}
     with torch.no_grad():
-        for tensor in model.state_dict(keep_vars=True).values():
-            if tensor.dim() >= 2:
+        for name, tensor in state.items():
+            if name in scales:
+                continue
+            if quant.is_fp8(tensor):
+                for i in range(0, tensor.shape[0], 8):
+                    full = torch.empty(tensor[i:i + 8].shape, dtype=dtype, device=device).normal_(0.0, 0.02,
+                                                                                               generator=gen)
+                    quant.quantize_into_(tensor, state[quant.scale_name(name)], full, start=i)
+            elif tensor.dim() >= 2:
                 tensor.normal_(0.0, 0.02, generator=gen)
             else:
                 tensor.fill_(1.0)
@@ -445,7 +469,11 @@ def markdown(r: dict[str, Any]) -> str:
         f"weights {r['memory'].get('weights_gib', 0):.3f} GiB; peak {r['memory'].get('peak_gib', 0):.2f} GiB "
         f"({m['peak_memory_source']})",
         "",
-        *fast_markdown(r.get("fast", {})),
+        *fast_markdown(r.get("fast", {}), "Fast path (engine.execution=fast)"),
+        *fast_markdown(r.get("kernels", {}), "Triton kernels vs the torch path (dgserve.kernels)"),
+        *([f"Recommended `dgserve.kernels.MEASURED_DEFAULTS` entry: `{r['recommended_kernel_defaults']}`", ""]
+          if r.get("recommended_kernel_defaults") else []),
+        *fast_markdown(r.get("fast_fp8", {}), "Fast path with FP8 weights (model.quantization=fp8)"),
         "## Batch-1 diffusion decoding (one canvas, fixed steps, adaptive stopping off, ignore_eos)",
         "",
         "tok/s = new tokens / wall time (prefill + denoise steps + commit); 'no commit' stops after the last step.",
@@ -528,11 +556,11 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fast_markdown(fast: dict[str, Any]) -> list[str]:
-    """The fast path's section: one line per measurement, its figures as key=value."""
+def fast_markdown(fast: dict[str, Any], title: str) -> list[str]:
+    """A section of measurements: one line per measurement, its figures as key=value."""
     if not fast:
         return []
-    lines = ["## Fast path (engine.execution=fast)", ""]
+    lines = [f"## {title}", ""]
     for name, e in fast.items():
         st = _status(e)
         body = st or ", ".join(f"{k}={_fmt(v, 3)}" for k, v in e.items() if k not in ("measure_s",))
@@ -562,11 +590,89 @@ def finish(suite: Suite) -> None:
         e = packed.get(f"canvases_{c}", {})
         if e.get("oom"):
             e["fits"] = False
-    r["problems"] = [f"{sec}/{name}: {_status(e)}" for sec in ("fast", "diffusion", "generate_single", "ar",
-                                                                  "packed", "engine")
+    for name in (f"engine_batch1_steps_{suite.settings.steps[0]}", f"engine_concurrent_{suite.settings.concurrent}"):
+        bf16, fp8 = r.get("fast", {}).get(name, {}), r.get("fast_fp8", {}).get(name, {})
+        for key in ("tokens_per_s_end_to_end", "tokens_per_s_steady_state", "aggregate_tokens_per_s"):
+            if key in bf16 and key in fp8:
+                ratios[f"fp8_over_bf16_{name}_{key}"] = round(fp8[key] / bf16[key], 3)
+    r["problems"] = [f"{sec}/{name}: {_status(e)}" for sec in ("fast", "kernels", "fast_fp8", "diffusion",
+                                                                  "generate_single", "ar", "packed", "engine")
                      for name, e in r.get(sec, {}).items() if _status(e)]
     r["meta"]["total_s"] = round(elapsed(), 1)
     suite.save()
+
+
+# -- fast path sections -------------------------------------------------------------------------------
+
+
+def fast_section(suite: Suite, section: str, model: DiffusionGemma, prompt: list[int],
+                 concurrent_prompts: list[list[int]]) -> None:
+    """The fast path's figures for one model (``fast``: the bf16 weights; ``fast_fp8``: the FP8 ones)."""
+    s = suite.settings
+    head = s.steps[0]
+    if suite.device.type == "cuda":
+        suite.measure(section, "sync_debug", lambda: gpu_fast.sync_debug(model))
+        if kernels.available(suite.device):
+            suite.measure(section, "sync_debug_triton_kernels", lambda: gpu_fast.sync_debug(
+                model, sampler_kernel="triton", moe_kernel="triton"))
+    for c in s.fast_canvases:
+        suite.measure(section, f"modes_{c}", lambda c=c: gpu_fast.forward_modes(model, c, s.reps, compile=False))
+    if section == "fast":  # the sampler reads the tied embedding, which FP8 leaves in bf16
+        suite.measure(section, "sampler", lambda: gpu_fast.sampler(model, s.reps))
+    if suite.device.type == "cuda":
+        suite.measure(section, "kernels", lambda: gpu_fast.kernels(model))
+    suite.measure(section, f"engine_batch1_steps_{head}",
+                  lambda: gpu_fast.engine_batch1(model, prompt, head, 4, compile=False))
+    suite.measure(section, f"engine_concurrent_{s.concurrent}",
+                  lambda: gpu_fast.engine_concurrent(model, concurrent_prompts, head, compile=False))
+    if section == "fast_fp8" and suite.device.type == "cuda" and kernels.available(suite.device):
+        suite.measure(section, f"engine_batch1_steps_{head}_triton",
+                      lambda: gpu_fast.engine_batch1(model, prompt, head, 4, compile=False, kernel="triton"))
+        suite.measure(section, f"engine_concurrent_{s.concurrent}_triton",
+                      lambda: gpu_fast.engine_concurrent(model, concurrent_prompts, head, compile=False,
+                                                         kernel="triton"))
+
+
+def kernel_section(suite: Suite, model: DiffusionGemma, weights: str, sampler: bool = True) -> None:
+    """The Triton kernels against the torch path on this card, and the ``MEASURED_DEFAULTS`` entry they imply."""
+    s = suite.settings
+    if sampler:
+        suite.measure("kernels", "sampler", lambda: gpu_fast.sampler_kernel(model, s.reps))
+    for c in (min(s.fast_canvases), max(s.fast_canvases)):
+        suite.measure("kernels", f"moe_{weights}_{c}", lambda c=c: gpu_fast.moe_kernel(model, c, max(s.reps, 5)))
+    entries = suite.report.get("kernels", {})
+    moe = [e for name, e in entries.items() if name.startswith("moe_")]
+    suite.report["recommended_kernel_defaults"] = gpu_fast.recommended_kernels(
+        suite.report["meta"]["device"], entries.get("sampler", {}), moe)
+
+
+def _timed_build(suite: Suite, s: Settings, dtype: torch.dtype, device: torch.device,
+                 quantization: str) -> DiffusionGemma | None:
+    """A random model (``fp8``: FP8 weights), its build time and weight bytes in the report; None if it failed."""
+    t0 = time.perf_counter()
+    key = "fp8" if quantization == "fp8" else "bf16_rebuilt"
+    try:
+        model = build_random_model(s.config, dtype, device, s.seed, quantization)
+        suite.sync()
+    except Exception as exc:  # recorded; the rest of the suite goes on without this model
+        suite.report["meta"][f"{key}_init_error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
+        _free(device)
+        return None
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    suite.report["meta"][f"{key}_init_s"] = round(time.perf_counter() - t0, 2)
+    if quantization == "fp8":
+        suite.report["memory"]["fp8_weights_gib"] = round(weights / GIB, 3)
+    print(f"[{elapsed():6.1f}s] {key} model ready ({weights / GIB:.2f} GiB of weights)", flush=True)
+    return model
+
+
+def memory_plans(config, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    """What ``memory_plan`` predicts for this card, bf16 and FP8 weights (64 running requests, 4,096-token context)."""
+    if device.type != "cuda":
+        return {}
+    total = torch.cuda.get_device_properties(device).total_memory
+    return {q: {"weights_gib": round(p.weight_bytes / GIB, 2), "max_canvases": p.max_canvases}
+            for q in ("none", "fp8") for p in [memory_plan(config, dtype, total, quantization=q)]}
 
 
 # -- main ----------------------------------------------------------------------------------------------
@@ -600,7 +706,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "settings": {k: v for k, v in vars(s).items()},
         "memory": {"peak_gib": 0.0},
-        "fast": {}, "diffusion": {}, "generate_single": {}, "ar": {}, "packed": {}, "engine": {},
+        "fast": {}, "kernels": {}, "fast_fp8": {}, "diffusion": {}, "generate_single": {}, "ar": {}, "packed": {},
+        "engine": {},
     }
     out = Path(s.out)
     print(f"dgserve GPU suite: {s.config} on {device_name}, torch {torch.__version__}, out {out}", flush=True)
@@ -627,18 +734,26 @@ def main(argv: list[str] | None = None) -> int:
 
     # the fast path first: what this suite is for now
     on_cuda = device.type == "cuda"
-    if on_cuda:
-        suite.measure("fast", "sync_debug", lambda: gpu_fast.sync_debug(model))
-    for c in s.fast_canvases:
-        suite.measure("fast", f"modes_{c}", lambda c=c: gpu_fast.forward_modes(model, c, s.reps, compile=False))
-    suite.measure("fast", "sampler", lambda: gpu_fast.sampler(model, s.reps))
-    if on_cuda:
-        suite.measure("fast", "kernels", lambda: gpu_fast.kernels(model))
-    suite.measure("fast", f"engine_batch1_steps_{head}",
-                  lambda: gpu_fast.engine_batch1(model, prompt, head, 4, compile=False))
     concurrent_prompts = random_prompts(s.concurrent, s.prompt_len, config.text.vocab_size, s.seed + 7)
-    suite.measure("fast", f"engine_concurrent_{s.concurrent}",
-                  lambda: gpu_fast.engine_concurrent(model, concurrent_prompts, head, compile=False))
+    if "none" in s.quantizations:
+        fast_section(suite, "fast", model, prompt, concurrent_prompts)
+    if on_cuda and kernels.available(device):
+        kernel_section(suite, model, "bf16" if dtype == torch.bfloat16 else s.dtype)
+    if "fp8" in s.quantizations:
+        del model  # the FP8 model next, alone on the card
+        _free(device)
+        fp8_model = _timed_build(suite, s, dtype, device, "fp8")
+        if fp8_model is not None:
+            fast_section(suite, "fast_fp8", fp8_model, prompt, concurrent_prompts)
+            if on_cuda and kernels.available(device):
+                kernel_section(suite, fp8_model, "fp8", sampler=False)
+            del fp8_model
+            _free(device)
+        model = _timed_build(suite, s, dtype, device, "none")  # back to bf16 for the exact path's figures
+        if model is None:
+            finish(suite)
+            return 1
+    suite.report["memory"]["plan"] = memory_plans(config, dtype, device)
 
     # warm-up (kernels, allocator) for the batch-1 diffusion shapes; not reported
     try:

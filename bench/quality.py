@@ -1,6 +1,7 @@
 """Speed/quality curve of a trained checkpoint, and the format cross-check against transformers.
 
-    python bench/quality.py [--model tiny] [--n 100] [--hf] [--hf-all] [--modes] [--json]
+    python bench/quality.py [--model tiny] [--n 100] [--hf] [--hf-all] [--modes] [--json] [--dtype D]
+                            [--quantization fp8 --fp8-emulation]
 
 Prints the held-out denoising loss, then for entropy bound x max steps (0.05/0.1/0.3 x 8/16/48) the
 exact-match accuracy on held-out sorting problems, tokens/s, tokens per forward and steps per canvas
@@ -76,10 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modes", action="store_true", help="exact vs fast execution through the engine")
     p.add_argument("--json", action="store_true")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="(default float32)")
+    p.add_argument("--quantization", default="none", choices=["none", "fp8"],
+                   help="fp8: FP8 weights (on CPU with --fp8-emulation); the transformers cross-check stays fp32")
+    p.add_argument("--fp8-emulation", action="store_true", help="emulate the FP8 arithmetic (CPU)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model_dir = resolve_model(args.model)
-    loaded = load(model_dir)
+    loaded = load(model_dir, dtype=args.dtype, quantization=args.quantization, fp8_emulation=args.fp8_emulation)
     if not Path(model_dir).is_dir():
         print(f"{args.model}: bench/quality.py needs a trained checkpoint directory", file=sys.stderr)
         return 2

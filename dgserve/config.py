@@ -32,6 +32,12 @@ class ModelSettings(_Strict):
                                     "given, else the path's last component)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    quantization: Literal["none", "fp8"] = Field(
+        "none", description="fp8: e4m3 weights with per-channel scales for the attention projections, dense MLP and "
+        "experts, quantized at load time (W8A8 with per-token activation scales on CUDA compute capability >= 8.9, "
+        "weight-only FP8 on older GPUs); an FP8 checkpoint is read as it is. On CUDA it needs dtype bfloat16")
+    fp8_emulation: bool = Field(False, description="with quantization fp8: emulate the FP8 arithmetic (same rounding, "
+                                "fp32 matmuls) instead of needing a GPU; slower than no quantization, for checks")
     vision: Literal["auto", "off"] = Field(
         "auto", description="auto: load the checkpoint's vision tower (if any) and accept image inputs; off: text "
         "only (no vision weights in memory; image parts are a 400)")
@@ -222,6 +228,15 @@ class DeployConfig(_Strict):
     images: ImageSettings = ImageSettings()
     auth: AuthSettings = AuthSettings()
     http: HttpSettings = HttpSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> DeployConfig:
+        if self.model.fp8_emulation and self.model.quantization != "fp8":
+            raise ValueError("model.fp8_emulation emulates FP8 weights: it needs model.quantization: fp8")
+        if self.model.quantization == "fp8" and self.replicas.ep_size > 1:
+            raise ValueError("model.quantization fp8 with replicas.ep_size > 1 is not supported yet (expert-parallel "
+                             "ranks load bf16 experts); use ep_size 1 or quantization none")
+        return self
 
     def serve_args(self) -> dict:
         """JSON-compatible ``args`` for the Serve application."""

@@ -110,6 +110,18 @@ def test_step_floor_small(tmp_path: Path) -> None:
         assert p["floor_ms"] == pytest.approx(p["matmul_ms"] + p["exp_ms"] / r["threads"], abs=0.02)
 
 
+def test_fp8_quality_small(tmp_path: Path) -> None:
+    out = tmp_path / "r.jsonl"
+    r = _check_record(_run(["bench/fp8_quality.py", "--small", "--threads", "1", "--out", str(out)]), "fp8_quality",
+                      out)
+    for model in ("tiny-random", "tiny"):
+        assert set(r[model]) == {"bf16_vs_fp32", "fp8_vs_fp32", "fp8_vs_bf16"}
+        for pair in r[model].values():
+            assert pair["rel_l2"] > 0 and 0 <= pair["top1_agreement"] <= 1 and pair["positions"] > 0
+    exact = r["tiny_sort_exact_match"]
+    assert exact["problems"] == 10 and 0 <= exact["bf16"] <= 1 and 0 <= exact["fp8"] <= 1
+
+
 def test_serving_overhead_small(serve_http: str, tmp_path: Path) -> None:
     from bench import serving_overhead
 
@@ -133,7 +145,8 @@ def test_serving_overhead_small(serve_http: str, tmp_path: Path) -> None:
 def test_bench_cli_lists_and_rejects(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["bench", "--list"]) == 0
     listed = capsys.readouterr().out
-    for name in ("engine-vs-reference", "diffusion-vs-ar", "concurrency-curve", "serving-overhead", "step-floor"):
+    for name in ("engine-vs-reference", "diffusion-vs-ar", "concurrency-curve", "serving-overhead", "step-floor",
+                 "fp8-quality"):
         assert name in listed
     assert cli.main(["bench", "no-such-bench"]) == 2
     assert "unknown benchmark 'no-such-bench'" in capsys.readouterr().err

@@ -11,13 +11,13 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dgserve"
 
-# Bottom to top: each layer may import the layers before it. ``train`` sits beside ``config`` (model + engine,
-# used only by the CLI).
-ORDER = ("model", "engine", "config", "cluster", "replicas", "routing", "deploy")
+# Bottom to top: each layer may import the layers before it. ``kernels`` (Triton) is below the model that calls
+# them. ``train`` sits beside ``config`` (model + engine, used only by the CLI).
+ORDER = ("kernels", "model", "engine", "config", "cluster", "replicas", "routing", "deploy")
 ALLOWED = {layer: set(ORDER[:i]) for i, layer in enumerate(ORDER)}
-ALLOWED["train"] = {"model", "engine"}
+ALLOWED["train"] = {"kernels", "model", "engine"}
 ALLOWED["deploy"] |= {"train"}
-NO_RAY = ("model", "engine", "config", "train")
+NO_RAY = ("kernels", "model", "engine", "config", "train")
 
 
 def _layer(module: str) -> str | None:

@@ -45,3 +45,31 @@ def test_plan_adds_up_and_grows_with_memory(preset, device_gib):
     assert bigger.max_canvases >= plan.max_canvases
     assert memory_plan(cfg, torch.float32, device_gib * GIB).max_canvases <= plan.max_canvases
     assert plan.describe().startswith(f"{device_gib:.1f} GiB")
+
+
+def test_fp8_weights_on_one_h100_fit_64_canvases_and_54_more():
+    """FP8 weights (e4m3 attention projections, dense MLP and experts, fp32 scales per output channel; embedding,
+    router, norms and self-conditioning in bf16) are 24.3 GiB, half of bf16's 47.0. One H100 (80 GB) then holds the
+    KV of 118 canvases at 4,096 tokens of context (bf16: 55), 54 more than a 64-canvas batch, and 134 at 2,048
+    (bf16: 63); the FP8 step workspace includes the per-token quantization of the expert rows."""
+    fp8 = memory_plan(PUBLISHED, torch.bfloat16, H100, context_tokens=4096, quantization="fp8")
+    bf16 = memory_plan(PUBLISHED, torch.bfloat16, H100, context_tokens=4096)
+    assert round(fp8.weight_bytes / GIB, 1) == 24.3
+    assert fp8.step_workspace_bytes > bf16.step_workspace_bytes
+    assert (fp8.max_canvases, fp8.max_canvases - 64) == (118, 54)
+    assert memory_plan(PUBLISHED, torch.bfloat16, H100, context_tokens=2048, quantization="fp8").max_canvases == 134
+
+
+@pytest.mark.parametrize("preset", ["tiny-random", "bench-cpu", "diffusiongemma-26b-a4b"])
+@pytest.mark.parametrize("quantization", ["none", "fp8"])
+def test_weight_bytes_are_those_of_the_built_model(preset, quantization):
+    """The plan's weight bytes against the state dict of the model as ``load`` builds it (on the meta device): within
+    1% (the plan leaves out the norm weights)."""
+    from dgserve.model.checkpoint import _empty_model
+    from dgserve.model.quantization import QuantizationPlan
+
+    cfg = PRESETS[preset]
+    plan = QuantizationPlan(quantization, "emulated" if quantization == "fp8" else None)
+    model = _empty_model(cfg, torch.bfloat16, torch.device("meta"), None, plan)
+    built = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert abs(memory_plan(cfg, torch.bfloat16, 80 * GIB, quantization=quantization).weight_bytes / built - 1) < 0.01

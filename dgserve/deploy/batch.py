@@ -68,6 +68,8 @@ class BatchJob(BaseModel):
     worker_cpus: float = Field(1.0, gt=0.0)
     worker_gpus: float = Field(0.0, ge=0.0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    quantization: Literal["none", "fp8"] = Field("none", description="fp8: FP8 weights (dgserve.model.quantization)")
+    fp8_emulation: bool = Field(False, description="with fp8 on CPU workers: emulate the FP8 arithmetic")
     vision: Literal["auto", "off"] = Field("auto", description="auto: rows may hold image_url parts (a checkpoint "
                                            "with a vision tower); off: text only")
     images: ImageSettings = ImageSettings()
@@ -83,6 +85,12 @@ class BatchJob(BaseModel):
             raise ValueError(f"max_workers ({self.max_workers}) < min_workers ({self.min_workers})")
         if Path(self.input).resolve() == Path(self.output).resolve():
             raise ValueError("output must differ from input")
+        if self.fp8_emulation and self.quantization != "fp8":
+            raise ValueError("--fp8-emulation emulates FP8 weights: it needs --quantization fp8")
+        if self.quantization == "fp8" and not self.fp8_emulation and self.worker_gpus == 0:
+            from dgserve.model.quantization import CPU_FP8_MESSAGE
+
+            raise ValueError(CPU_FP8_MESSAGE.format(device="the workers' CPU (--worker-gpus 0)"))
         return self
 
     @property
@@ -248,7 +256,8 @@ class EngineWorker:
         torch.set_num_threads(max(1, int(self.job.worker_cpus)))
         device = "cuda" if self.job.worker_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.loaded = load(self.job.model, dtype=self.job.dtype, device=device, revision=self.job.revision,
-                           vision=self.job.vision)
+                           vision=self.job.vision, quantization=self.job.quantization,
+                           fp8_emulation=self.job.fp8_emulation)
         if self.loaded.tokenizer is None:
             raise RuntimeError(f"{self.job.model}: the checkpoint has no tokenizer.json, so prompts cannot be "
                                "encoded")

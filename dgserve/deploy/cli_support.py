@@ -1,5 +1,5 @@
 """Shared bits of the CLI subcommands: the default model, the one-line error type, and the checks of the
-device and thread options that several subcommands take."""
+device, quantization and thread options that several subcommands take."""
 
 from __future__ import annotations
 
@@ -35,6 +35,37 @@ def check_device(device: str) -> str:
         if index >= torch.cuda.device_count():
             raise ValueError(f"{device}: this machine has {torch.cuda.device_count()} GPU(s)")
     return device
+
+
+QUANTIZATION_HELP = ("fp8: e4m3 weights for the attention projections, dense MLP and experts, quantized at load "
+                     "time (FP8 matmuls on CUDA compute capability >= 8.9, weight-only FP8 on older GPUs; needs "
+                     "--dtype bfloat16 there); an FP8 checkpoint is read as it is (default none)")
+FP8_EMULATION_HELP = ("with --quantization fp8 on a machine without such a GPU: emulate the FP8 arithmetic (the same "
+                      "rounding, fp32 matmuls; slower than no quantization, for checking quality)")
+
+
+def add_quantization_args(p) -> None:
+    p.add_argument("--quantization", default="none", choices=["none", "fp8"], help=QUANTIZATION_HELP)
+    p.add_argument("--fp8-emulation", action="store_true", help=FP8_EMULATION_HELP)
+
+
+def check_quantization_flags(quantization: str, fp8_emulation: bool) -> None:
+    if fp8_emulation and quantization != "fp8":
+        raise UsageError("--fp8-emulation emulates FP8 weights: it needs --quantization fp8")
+
+
+def check_quantization(quantization: str, fp8_emulation: bool, device: str, dtype: str) -> None:
+    """``--quantization`` / ``--fp8-emulation`` against this machine's device: FP8 matmuls need a CUDA GPU, the
+    emulation is used only when asked for (a ValueError saying so otherwise)."""
+    check_quantization_flags(quantization, fp8_emulation)
+    if quantization == "none":
+        return
+    import torch
+
+    from dgserve.model.checkpoint import resolve_dtype
+    from dgserve.model.quantization import plan
+
+    plan(quantization, torch.device(check_device(device)), resolve_dtype(dtype), fp8_emulation)
 
 
 def check_model_path(path: str, source: str) -> None:

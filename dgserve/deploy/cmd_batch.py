@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from dgserve.config import DEFAULT_MODEL
 from dgserve.deploy.batch import BatchError, BatchJob, Progress, run_batch
-from dgserve.deploy.cli_support import EXECUTION_HELP, UsageError
+from dgserve.deploy.cli_support import EXECUTION_HELP, UsageError, add_quantization_args
 
 BAR_WIDTH = 24
 
@@ -111,6 +111,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--worker-gpus", type=float, default=0.0, help="GPUs per engine actor (default 0; 1 on GPUs)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weight and activation dtype (default float32)")
+    add_quantization_args(p)
     p.add_argument("--vision", default="auto", choices=["auto", "off"],
                    help="auto: chat rows may hold image_url parts (data: URLs); off: text only, no vision weights")
     p.add_argument("--kv-cache-memory", type=int, help="KV cache bytes per engine (default: what the engine's "

@@ -9,7 +9,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dgserve.config import DEFAULT_MODEL
-from dgserve.deploy.cli_support import DEVICES, EXECUTION_HELP, THREADS_HELP, UsageError, check_device
+from dgserve.deploy.cli_support import (
+    DEVICES,
+    EXECUTION_HELP,
+    THREADS_HELP,
+    UsageError,
+    add_quantization_args,
+    check_device,
+    check_quantization,
+)
 
 
 class GenerateArgs(BaseModel):
@@ -26,6 +34,8 @@ class GenerateArgs(BaseModel):
     dtype: str = "float32"
     device: str = "cpu"
     threads: int = Field(1, ge=1, le=1024)
+    quantization: str = "none"
+    fp8_emulation: bool = False
     execution: Literal["auto", "exact", "fast"] = "auto"
 
     @field_validator("device")
@@ -43,7 +53,9 @@ def run(args: GenerateArgs) -> int:
     from dgserve.model.tokenizer import check_no_image_tokens
 
     torch.set_num_threads(args.threads)
-    loaded = load(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
+    check_quantization(args.quantization, args.fp8_emulation, args.device, args.dtype)
+    loaded = load(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
+                  quantization=args.quantization, fp8_emulation=args.fp8_emulation)
     tok = loaded.tokenizer
     if tok is None:
         raise UsageError(f"{args.model}: the checkpoint has no tokenizer.json, so a text prompt cannot be encoded")
@@ -112,5 +124,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="weight and activation dtype (default float32)")
     g.add_argument("--device", default="cpu", help=f"{', '.join(DEVICES)} or cuda:N (default cpu)")
     g.add_argument("--threads", type=int, default=1, help=THREADS_HELP)
+    add_quantization_args(g)
     g.add_argument("--execution", default="auto", choices=["auto", "exact", "fast"], help=EXECUTION_HELP)
     g.set_defaults(handler=lambda ns: run(GenerateArgs(**ns)))

@@ -13,7 +13,16 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dgserve.config import DEFAULT_MODEL
-from dgserve.deploy.cli_support import DEVICES, EXECUTION_HELP, THREADS_HELP, UsageError, check_device
+from dgserve.deploy.cli_support import (
+    DEVICES,
+    EXECUTION_HELP,
+    THREADS_HELP,
+    UsageError,
+    add_quantization_args,
+    check_device,
+    check_quantization,
+    check_quantization_flags,
+)
 from dgserve.deploy.local_runs import LocalRun, register, unregister
 
 # CPUs Ray reserves for a one-thread replica: a fraction, so that --replicas 4 fits a 2-core laptop's local Ray
@@ -35,6 +44,8 @@ class RunArgs(BaseModel):
     device: str = "auto"
     threads: int = Field(1, ge=1, le=1024)
     kv_cache_memory: int | None = Field(None, ge=1 << 20)
+    quantization: str = "none"
+    fp8_emulation: bool = False
     vision: Literal["auto", "off"] = "auto"
     execution: Literal["auto", "exact", "fast"] = "auto"
 
@@ -54,7 +65,7 @@ def _deploy_config(args: RunArgs):
         return load_deploy_config(args.config)  # errors name the file and the field, as `dgserve build` does
     return DeployConfig.from_args({
         "model": {"path": args.model, "revision": args.revision, "dtype": args.dtype, "device": args.device,
-                  "vision": args.vision},
+                  "vision": args.vision, "quantization": args.quantization, "fp8_emulation": args.fp8_emulation},
         # Ray sets a replica's torch threads (OMP_NUM_THREADS) from the CPUs it reserves: max(1, int(num_cpus))
         "replicas": {"num_replicas": args.replicas, "ep_size": args.ep_size,
                      "num_cpus": ONE_THREAD_CPUS if args.threads == 1 else float(args.threads)},
@@ -89,11 +100,16 @@ def check_port_free(host: str, port: int) -> None:
 def run(args: RunArgs) -> int:
     from dgserve.model.checkpoint import load_metadata
 
+    if not args.config:
+        check_quantization_flags(args.quantization, args.fp8_emulation)
     config = _deploy_config(args)
     embedded = args.address is None
     # everything a user can get wrong fails here, in one line, before Ray starts
     if embedded and config.model.device != "auto":  # on a cluster, the GPUs are the workers', not this machine's
         check_device(config.model.device)
+    if embedded:  # FP8 matmuls need a CUDA GPU here; the CPU emulation only when asked for
+        check_quantization(config.model.quantization, config.model.fp8_emulation, config.model.device,
+                           config.model.dtype)
     load_metadata(config.model.path, config.model.revision, vision=config.model.vision)
     if embedded:  # on a cluster, the port is the head's
         check_port_free(config.http.host, config.http.port)
@@ -163,6 +179,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=None,
                    help="KV cache bytes per replica (default: what max_running sequences at the model's full context "
                         "need, at most half of the free memory)")
+    add_quantization_args(p)
     p.add_argument("--vision", default="auto", choices=["auto", "off"],
                    help="auto: load the checkpoint's vision tower (if any) and accept images; off: text only")
     p.add_argument("--execution", default="auto", choices=["auto", "exact", "fast"], help=EXECUTION_HELP)

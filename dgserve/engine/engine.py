@@ -94,6 +94,10 @@ class EngineConfig(BaseModel):
     compile_backend: str = "inductor"
     # fast mode on CUDA: capture each step bucket in a CUDA graph (None: on)
     cuda_graphs: bool | None = None
+    # fast mode: the Triton kernels of dgserve.kernels (fused denoising sampler; fused MoE) or the torch path;
+    # "auto": what the GPU suite measured faster on this card (dgserve.kernels.MEASURED_DEFAULTS), torch elsewhere
+    sampler_kernel: Literal["auto", "torch", "triton"] = "auto"
+    moe_kernel: Literal["auto", "torch", "triton"] = "auto"
 
 
 @dataclass
@@ -207,7 +211,8 @@ class Engine:
             compile_layers = self.config.compile if self.config.compile is not None else on_cuda
             graphs = self.config.cuda_graphs if self.config.cuda_graphs is not None else on_cuda
             self.runner = FastRunner(model, self.pool, len(self._free_slots), compile=compile_layers,
-                                     compile_backend=self.config.compile_backend, cuda_graphs=graphs)
+                                     compile_backend=self.config.compile_backend, cuda_graphs=graphs,
+                                     sampler_kernel=self.config.sampler_kernel, moe_kernel=self.config.moe_kernel)
 
     # -- requests ---------------------------------------------------------------------------------
     def check_request(self, req: GenerationRequest) -> None:

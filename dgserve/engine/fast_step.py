@@ -14,6 +14,7 @@ reported log-probability and top alternatives to the output row.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -185,6 +186,17 @@ def canvas_vocab_pass(model: DiffusionGemma, hidden: torch.Tensor, temp: torch.T
     return out
 
 
+def kernel_vocab_pass(model: DiffusionGemma, hidden: torch.Tensor, temp: torch.Tensor, u: torch.Tensor,
+                      greedy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`canvas_vocab_pass` through the fused Triton sampler (``dgserve.kernels.sampler``): the LM-head GEMM,
+    then kernels that read its ``[C, V]`` output and write no vocabulary-sized tensor of their own."""
+    from dgserve.kernels import sampler
+
+    sample, argmax, entropy, soft = sampler.vocab_pass(hidden, model.embed_tokens.weight, model.embed_scale_value(),
+                                                       model.config.text.final_logit_softcapping, temp, u)
+    return torch.where(greedy, argmax, sample), argmax, entropy, soft
+
+
 @dataclass
 class StepInputs:
     """The unpacked input rows of a step (device tensors) and the model batch built from them."""
@@ -254,6 +266,10 @@ def step_inputs(model: DiffusionGemma, layout: StepLayout, inp: torch.Tensor, st
                       max_steps)
 
 
+VocabPass = Callable[[DiffusionGemma, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                     tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
 def step_filters(inp: torch.Tensor, layout: StepLayout, r: int) -> RowFilters:
     """Row ``r``'s sampling filters from its input fields, one row per canvas position."""
     c = layout.canvas
@@ -272,9 +288,11 @@ def step_filters(inp: torch.Tensor, layout: StepLayout, r: int) -> RowFilters:
 
 def fast_step(model: DiffusionGemma, algorithm: DenoisingAlgorithm, layout: StepLayout, inp: torch.Tensor,
               state: CanvasState, k_pages: list[torch.Tensor], v_pages: list[torch.Tensor],
-              scratch: dict[str, int], variant: StepVariant = PLAIN) -> torch.Tensor:
+              scratch: dict[str, int], variant: StepVariant = PLAIN,
+              vocab_pass: VocabPass = canvas_vocab_pass) -> torch.Tensor:
     """One step over the rows of ``inp [S, layout.width]`` (int32); returns ``[S, output_width(C, variant)]``
-    int32."""
+    int32. ``vocab_pass``: :func:`canvas_vocab_pass` (torch) or :func:`kernel_vocab_pass` (the fused Triton
+    sampler); a step with filters or logprobs runs :func:`canvas_vocab_pass`, which has them."""
     c, vocab = layout.canvas, model.config.text.vocab_size
     x = step_inputs(model, layout, inp, state, scratch)
     seed_lo, seed_hi, canvas_index, cur_step, max_steps = x.seed_lo, x.seed_hi, x.canvas_index, x.cur_step, x.max_steps
@@ -289,8 +307,11 @@ def fast_step(model: DiffusionGemma, algorithm: DenoisingAlgorithm, layout: Step
     greedy = inp[:, F_GREEDY] != 0
     passes = []
     for r in range(hidden.shape[0]):
-        filters = step_filters(inp, layout, r) if variant.filters else None
-        passes.append(canvas_vocab_pass(model, hidden[r], temp[r], u[r], greedy[r], filters, variant.logprobs))
+        if variant == PLAIN:
+            passes.append(vocab_pass(model, hidden[r], temp[r], u[r], greedy[r]))
+        else:
+            filters = step_filters(inp, layout, r) if variant.filters else None
+            passes.append(canvas_vocab_pass(model, hidden[r], temp[r], u[r], greedy[r], filters, variant.logprobs))
     sample, argmax, entropy = (torch.stack([p[i] for p in passes]) for i in range(3))  # [S, C]
     new_soft = torch.stack([p[3] for p in passes])  # [S, C, H]
 

@@ -2,7 +2,8 @@
 model config, dtype, device memory and engine config (nothing is allocated), used to size the KV cache on GPU and
 to answer "does 64 canvases fit an H100?" before buying the hour.
 
-The parts: weights; a reserve for the CUDA context, cuBLAS workspaces and allocator slack; the fast path's
+The parts: weights (bf16, or FP8 where ``quantization`` says so: ``dgserve.model.quantization.weight_bytes``); a
+reserve for the CUDA context, cuBLAS workspaces and allocator slack; the fast path's
 device-resident canvas state (``dgserve.engine.fast_step.CanvasState``); the activations of the largest step
 (the bigger of attention and MoE at the largest row bucket, plus the sampler's one-canvas vocabulary working set);
 and the KV pages, which get the rest. A sequence's KV at ``context_tokens`` (full layers keep every position,
@@ -19,6 +20,7 @@ import torch
 from dgserve.engine.kv_pages import block_bytes
 from dgserve.model.canvas_batch import sliding_blocks
 from dgserve.model.config import ModelConfig
+from dgserve.model.quantization import Quantization, weight_bytes
 
 GIB = 1 << 30
 
@@ -50,9 +52,10 @@ def _elt(dtype: torch.dtype) -> int:
 
 
 def step_workspace_bytes(config: ModelConfig, dtype: torch.dtype, rows: int, context_tokens: int,
-                         block_size: int = 16) -> int:
+                         block_size: int = 16, quantization: Quantization = "none") -> int:
     """Peak activation bytes of one fast step over ``rows`` canvases (an upper estimate: the live tensors of the
-    largest phase of a layer, plus the residual stream and the sampler's per-canvas vocabulary pass)."""
+    largest phase of a layer, plus the residual stream and the sampler's per-canvas vocabulary pass). FP8 adds the
+    per-token quantization of the expert rows: an fp32 temporary and the e4m3 copy."""
     t = config.text
     e = _elt(dtype)
     c, h = config.canvas_length, t.hidden_size
@@ -71,6 +74,8 @@ def step_workspace_bytes(config: ModelConfig, dtype: torch.dtype, rows: int, con
         attention = max(attention, keys + q_and_out + mask)
     rows_k = tokens * t.top_k_experts
     moe = rows_k * (2 * h * e + 3 * t.moe_intermediate_size * e + 2 * h * 4) + tokens * 3 * t.intermediate_size * e
+    if quantization == "fp8":
+        moe += rows_k * h * (4 + 1)
     vocab = c * t.vocab_size * (4 * 4 + 2 * e)  # logits, log-probs, probs, block sums; a bf16 softmax input
     sampler_out = rows * c * (h * e + 3 * 8)
     return residual + max(attention, moe) + vocab + sampler_out
@@ -78,17 +83,20 @@ def step_workspace_bytes(config: ModelConfig, dtype: torch.dtype, rows: int, con
 
 def memory_plan(config: ModelConfig, dtype: torch.dtype, device_bytes: int, *, max_running: int = 64,
                 block_size: int = 16, context_tokens: int = 4096, row_bucket: int = 64,
-                reserve_fraction: float = 0.03, reserve_min_bytes: int = 2 * GIB) -> MemoryPlan:
-    """Plan one device (a single-GPU replica; an expert-parallel rank would count its share of the experts)."""
+                reserve_fraction: float = 0.03, reserve_min_bytes: int = 2 * GIB,
+                quantization: Quantization = "none") -> MemoryPlan:
+    """Plan one device (a single-GPU replica; an expert-parallel rank would count its share of the experts).
+    ``quantization``: ``fp8`` counts FP8 weights (one byte per quantized element, fp32 scales per channel) and the
+    activation quantization's temporaries."""
     t = config.text
     e = _elt(dtype)
-    weights = config.parameter_counts()["total"] * e
+    weights = weight_bytes(config, dtype, quantization)
     reserve = max(reserve_min_bytes, int(device_bytes * reserve_fraction))
     slots = 2 * max_running + 1
     c = config.canvas_length
     state = slots * c * (t.hidden_size * e + 2 * 8) + slots * 8
     rows = min(max_running, row_bucket)
-    workspace = step_workspace_bytes(config, dtype, rows, context_tokens, block_size)
+    workspace = step_workspace_bytes(config, dtype, rows, context_tokens, block_size, quantization)
     kv_budget = max(0, device_bytes - weights - reserve - state - workspace)
     full_per_seq = math.ceil((context_tokens + c) / block_size) * block_bytes(config, "full", block_size, dtype)
     sliding_per_seq = (sliding_blocks(t.sliding_window, block_size) + math.ceil(c / block_size) + 1) * \

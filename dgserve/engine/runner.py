@@ -10,15 +10,17 @@ rows of the capture writing only scratch slots and the scratch state slot).
 
 from __future__ import annotations
 
+import functools
 import logging
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from dgserve import kernels
 from dgserve.engine import fast_step as fs
 from dgserve.engine.denoising import EntropyBound
 from dgserve.engine.kv_pages import BlockTable, KVPagePool
@@ -26,7 +28,6 @@ from dgserve.engine.sampling_filters import bias_table
 from dgserve.model.diffusion_gemma import DiffusionGemma
 from dgserve.model.generation_config import SamplingParams
 from dgserve.model.layers import TransformerLayer
-from dgserve.model.moe import grouped_mm_supported
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,14 @@ class FastRunner:
     ``compile``: compile each layer type's forward and the per-canvas sampler pass with ``torch.compile``
     (``fullgraph=True, dynamic=False``); ``compile_backend`` picks the backend (tests use ``"eager"``).
     ``cuda_graphs``: capture each bucket's whole step in a CUDA graph (CUDA only).
+    ``sampler_kernel`` / ``moe_kernel``: ``"triton"`` runs the sampler / the experts' grouped path with the Triton
+    kernels of ``dgserve.kernels``, ``"torch"`` with torch ops, ``"auto"`` as measured for the card.
     """
 
     def __init__(self, model: DiffusionGemma, pool: KVPagePool, num_slots: int, *, compile: bool = False,
                  compile_backend: str = "inductor", cuda_graphs: bool = False,
-                 row_buckets: Sequence[int] = DEFAULT_ROW_BUCKETS) -> None:
+                 row_buckets: Sequence[int] = DEFAULT_ROW_BUCKETS, sampler_kernel: kernels.KernelChoice = "auto",
+                 moe_kernel: kernels.KernelChoice = "auto") -> None:
         if pool.scratch_blocks * pool.block_size < model.config.canvas_length:
             raise ValueError("the fast path needs a KV pool with a canvas of scratch slots (scratch_tokens)")
         self.model = model
@@ -96,10 +100,15 @@ class FastRunner:
                                              self.device)
         self.algorithm = EntropyBound()
         self.scratch = {"full": pool.scratch_slot("full"), "sliding": pool.scratch_slot("sliding")}
+        self.sampler_kernel = kernels.resolve(sampler_kernel, "sampler", self.device)
+        self.moe_kernel = kernels.resolve(moe_kernel, "moe", self.device)
+        self.vocab_pass = fs.kernel_vocab_pass if self.sampler_kernel == "triton" else fs.canvas_vocab_pass
+        for layer in model.layers:
+            layer.experts.kernel = self.moe_kernel
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not model.dispatcher.collective
         experts = model.layers[0].experts
         probe = torch.empty(0, model.config.text.hidden_size, dtype=model.dtype, device=self.device)
-        if self.cuda_graphs and not grouped_mm_supported(probe, experts):
+        if self.cuda_graphs and not experts.sync_free(probe):
             log.warning("CUDA graphs off: the grouped expert kernel does not run %s on this device, and the "
                         "per-expert fallback reads expert counts on the host", model.dtype)
             self.cuda_graphs = False
@@ -115,7 +124,8 @@ class FastRunner:
         self.transfers_to_host = 0  # device-to-host copies (one per step)
         self.transfers_to_device = 0  # host-to-device copies (one per step)
         self.steps = 0
-        self.step_fn = fs.fast_step  # the device program (a benchmark of the host side swaps in a stub)
+        # the device program (a benchmark of the host side swaps in a stub)
+        self.step_fn: Callable[..., torch.Tensor] = functools.partial(fs.fast_step, vocab_pass=self.vocab_pass)
         self.buckets_seen: set[tuple[int, int]] = set()  # (rows, full-context blocks) of the steps run
 
     # -- buckets ------------------------------------------------------------------------------------
@@ -239,8 +249,8 @@ class _CapturedStep:
         self.static_in = self.host_in.to(runner.device)
 
         def step() -> torch.Tensor:
-            return fs.fast_step(runner.model, runner.algorithm, layout, self.static_in, runner.state,
-                                runner.pool.k_flat, runner.pool.v_flat, runner.scratch, variant)
+            return runner.step_fn(runner.model, runner.algorithm, layout, self.static_in, runner.state,
+                                  runner.pool.k_flat, runner.pool.v_flat, runner.scratch, variant)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

@@ -20,6 +20,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from dgserve.model import fp8_checkpoint
+from dgserve.model import quantization as quant
 from dgserve.model.config import PRESETS, ConfigError, ModelConfig
 from dgserve.model.diffusion_gemma import DiffusionGemma
 from dgserve.model.generation_config import SamplingParams
@@ -74,31 +76,48 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 def load(path_or_preset: str | Path, dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu",
          expert_ids: list[int] | None = None, seed: int = 0, revision: str | None = None,
-         vision: VisionMode = "auto") -> LoadedModel:
+         vision: VisionMode = "auto", quantization: str = "none", fp8_emulation: bool = False) -> LoadedModel:
     """Load a checkpoint directory or a Hugging Face model id (``revision``: its branch, tag or commit), or build a
     named preset (``tiny-random``, ``diffusiongemma-26b-a4b``...).
 
     ``expert_ids``: load only these experts (an expert-parallel rank's share); default all.
     ``vision``: ``auto`` loads the vision tower when the checkpoint has one (every rank: it is dense), ``off``
     never loads it.
+    ``quantization``: ``fp8`` quantizes the attention projections, dense MLP and experts to e4m3 as each tensor is
+    read (``dgserve.model.quantization``; ``fp8_emulation`` runs their arithmetic emulated, e.g. on CPU), and reads
+    an already quantized checkpoint as it is; ``none`` dequantizes such a checkpoint to ``dtype``. The vision tower
+    is never quantized.
     """
     from dgserve.model.vision_checkpoint import check_vision_mode, load_vision
 
     check_vision_mode(vision)
     dtype = resolve_dtype(dtype)
     device = torch.device(device)
+    try:
+        plan = quant.plan(quantization, device, dtype, fp8_emulation)
+    except quant.QuantizationError as exc:
+        raise CheckpointError(str(exc)) from None
     name = resolve_source(path_or_preset, revision)
     if name in PRESETS and not Path(name).exists():
-        return _load_preset(name, dtype, device, expert_ids, seed)
+        return _load_preset(name, dtype, device, expert_ids, seed, plan)
     path = Path(name)
     config = read_config(path)
+    layout = _read_fp8_layout(path)
     weights = _weight_files(path)
-    model = _empty_model(config, dtype, device, expert_ids)
-    _fill_from_safetensors(model, weights, dtype)
+    model = _empty_model(config, dtype, device, expert_ids, plan)
+    _fill_from_safetensors(model, weights, dtype, layout)
     model.eval()
     return LoadedModel(model=model, config=config, generation=read_generation_config(path, config),
                        tokenizer=_maybe_tokenizer(path), source=str(path),
                        vision=load_vision(path, weights, config.text.hidden_size, dtype, device, vision))
+
+
+def _read_fp8_layout(path: Path) -> fp8_checkpoint.Fp8Layout | None:
+    file = path / "config.json"
+    try:
+        return fp8_checkpoint.read_layout(json.loads(file.read_text()), str(file))
+    except quant.QuantizationError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 @dataclass
@@ -261,12 +280,14 @@ def _safetensors_keys(file: Path) -> list[str]:
 
 
 def _empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
-                 expert_ids: list[int] | None) -> DiffusionGemma:
+                 expert_ids: list[int] | None, plan: quant.QuantizationPlan | None = None) -> DiffusionGemma:
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
             model = DiffusionGemma(config, expert_ids=expert_ids)
+        if plan is not None:
+            quant.convert_(model, plan, device)  # FP8 modules swapped in before anything is allocated
     finally:
         torch.set_default_dtype(old)
     return model.to_empty(device=device)
@@ -285,10 +306,34 @@ def _checkpoint_name_candidates(name: str) -> list[str]:
     return names
 
 
-def _fill_from_safetensors(model: DiffusionGemma, files: dict[str, Path], dtype: torch.dtype) -> None:
-    handles: dict[Path, Any] = {}
+class _Tensors:
+    """The checkpoint's safetensors files by tensor name, each opened (memory-mapped) once."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.files = files
+        self.handles: dict[Path, Any] = {}
+
+    def slice(self, name: str) -> tuple[Any, Path]:
+        file = self.files[name]
+        if file not in self.handles:
+            try:
+                self.handles[file] = safe_open(file, framework="pt", device="cpu")
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(f"{file}: unreadable safetensors file (truncated or corrupt?): {exc}") from exc
+        return self.handles[file].get_slice(name), file
+
+
+def _fill_from_safetensors(model: DiffusionGemma, files: dict[str, Path], dtype: torch.dtype,
+                           layout: fp8_checkpoint.Fp8Layout | None = None) -> None:
+    """Copy every tensor into place, one at a time: FP8 targets are quantized as they are read (or copied with their
+    scales from an FP8 checkpoint); FP8 tensors of a checkpoint are dequantized where the model keeps full precision."""
+    tensors = _Tensors(files)
+    state = model.state_dict(keep_vars=True)
+    scales = {quant.scale_name(n) for n, t in state.items() if quant.is_fp8(t)}
     try:
-        for name, target in model.state_dict(keep_vars=True).items():
+        for name, target in state.items():
+            if name in scales:
+                continue  # written with its weight
             ckpt_name = next((c for c in _checkpoint_name_candidates(name) if c in files), None)
             with torch.no_grad():
                 if ckpt_name is None:
@@ -298,39 +343,61 @@ def _fill_from_safetensors(model: DiffusionGemma, files: dict[str, Path], dtype:
                         continue
                     raise CheckpointError(
                         f"{_describe(files)}: missing tensor {_checkpoint_name_candidates(name)[0]}")
-                file = files[ckpt_name]
-                if file not in handles:
-                    try:
-                        handles[file] = safe_open(file, framework="pt", device="cpu")
-                    except (SafetensorError, OSError) as exc:
-                        raise CheckpointError(
-                            f"{file}: unreadable safetensors file (truncated or corrupt?): {exc}") from exc
-                target.copy_(_read_tensor(handles[file], file, ckpt_name, name, target, model))
+                tensor, scale = _read_tensor(tensors, ckpt_name, name, target, model, layout)
+                if quant.is_fp8(target):
+                    scale_target = state[quant.scale_name(name)]
+                    if scale is None:
+                        quant.quantize_into_(target, scale_target, tensor)
+                    else:
+                        target.copy_(tensor)
+                        scale_target.copy_(scale)
+                elif scale is not None:
+                    quant.dequantize_into_(target, tensor, scale)
+                else:
+                    target.copy_(tensor.to(target.dtype))
+    except quant.QuantizationError as exc:
+        raise CheckpointError(str(exc)) from None
     finally:
-        handles.clear()
+        tensors.handles.clear()
 
 
-def _read_tensor(handle: Any, file: Path, ckpt_name: str, name: str, target: torch.Tensor,
-                 model: DiffusionGemma) -> torch.Tensor:
-    sl = handle.get_slice(ckpt_name)
+def _read_tensor(tensors: _Tensors, ckpt_name: str, name: str, target: torch.Tensor, model: DiffusionGemma,
+                 layout: fp8_checkpoint.Fp8Layout | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The checkpoint's tensor for ``target`` (only this model's experts), and its fp32 scales if it is FP8."""
+    sl, file = tensors.slice(ckpt_name)
     st_dtype = sl.get_dtype()
-    if st_dtype not in _FLOAT_DTYPES:
+    fp8 = st_dtype.startswith("F8_")
+    if fp8:
+        fp8_checkpoint.check_storage(st_dtype, f"{file}: tensor {ckpt_name}", layout)
+    elif st_dtype not in _FLOAT_DTYPES:
         raise CheckpointError(f"{file}: tensor {ckpt_name} has dtype {st_dtype}; expected one of "
-                              f"{', '.join(_FLOAT_DTYPES)} (quantized checkpoints are not supported)")
+                              f"{', '.join(_FLOAT_DTYPES)} or an FP8 checkpoint's F8_E4M3")
     shape = list(sl.get_shape())
     expected = list(target.shape)
     expert_ids = _expert_ids_for(name, model)
     full_expected = [model.config.text.num_experts, *expected[1:]] if expert_ids is not None else expected
     if shape != full_expected:
         raise CheckpointError(f"{file}: tensor {ckpt_name} has shape {shape}, expected {full_expected}")
+    partial = expert_ids is not None and expert_ids != list(range(model.config.text.num_experts))
     try:
-        if expert_ids is not None and expert_ids != list(range(model.config.text.num_experts)):
+        if partial:
             tensor = _read_experts(sl, expert_ids)
         else:
-            tensor = sl[:] if shape else handle.get_tensor(ckpt_name)
+            tensor = sl[:] if shape else tensors.handles[file].get_tensor(ckpt_name)
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise CheckpointError(f"{file}: cannot read tensor {ckpt_name} (truncated file?): {exc}") from exc
-    return tensor.to(target.dtype)
+    if not fp8:
+        return tensor, None
+    scale_name = fp8_checkpoint.scale_tensor_name(ckpt_name)
+    if scale_name not in tensors.files:
+        raise CheckpointError(f"{file}: FP8 tensor {ckpt_name} has no scale tensor {scale_name}")
+    ssl, sfile = tensors.slice(scale_name)
+    try:
+        raw = ssl[:] if ssl.get_shape() else tensors.handles[sfile].get_tensor(scale_name)
+        scale = fp8_checkpoint.scales(raw, shape, f"{sfile}: tensor {scale_name}")
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{sfile}: cannot read tensor {scale_name} (truncated file?): {exc}") from exc
+    return tensor, scale[expert_ids] if partial else scale
 
 
 def _expert_ids_for(name: str, model: DiffusionGemma) -> list[int] | None:
@@ -363,25 +430,33 @@ def _describe(files: dict[str, Path]) -> str:
 
 
 def init_random_(model: DiffusionGemma, seed: int = 0, std: float = 0.02) -> None:
-    """Deterministic random weights (normal(0, std) matrices, ones for norms and scales)."""
+    """Deterministic random weights (normal(0, std) matrices, ones for norms and scales). An FP8 model draws the same
+    numbers, rounds them to its dtype and quantizes them, so it is the quantization of the unquantized preset."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
+    state = model.state_dict(keep_vars=True)
+    scales = {quant.scale_name(n) for n, t in state.items() if quant.is_fp8(t)}
     with torch.no_grad():
-        for name, tensor in model.state_dict(keep_vars=True).items():
+        for name, tensor in state.items():
+            if name in scales:
+                continue
             if tensor.dim() >= 2:
                 # draw on CPU in chunks along dim 0 so the stream is device independent and bounded
                 for i in range(0, tensor.shape[0], 16):
                     chunk = torch.empty(tensor[i:i + 16].shape, dtype=torch.float32)
                     chunk.normal_(0.0, std, generator=gen)
-                    tensor[i:i + 16].copy_(chunk)
+                    if quant.is_fp8(tensor):
+                        quant.quantize_into_(tensor, state[quant.scale_name(name)],
+                                                    chunk.to(model.dtype), start=i)
+                    else:
+                        tensor[i:i + 16].copy_(chunk)
             else:
                 tensor.fill_(1.0)
-            del name
 
 
 def _load_preset(name: str, dtype: torch.dtype, device: torch.device, expert_ids: list[int] | None,
-                 seed: int) -> LoadedModel:
+                 seed: int, plan: quant.QuantizationPlan | None = None) -> LoadedModel:
     config = PRESETS[name]
-    model = _empty_model(config, dtype, device, expert_ids)
+    model = _empty_model(config, dtype, device, expert_ids, plan)
     init_random_(model, seed)
     model.eval()
     asset = ASSETS / name
@@ -397,7 +472,8 @@ def _load_preset(name: str, dtype: torch.dtype, device: torch.device, expert_ids
 
 def save(model: DiffusionGemma, out_dir: str | Path, generation: GenerationDefaults | None = None) -> None:
     """Write config.json, model.safetensors and generation_config.json in the Hugging Face layout
-    (text weights under ``model.decoder.``, encoder layer scalars under ``model.encoder.language_model.``)."""
+    (text weights under ``model.decoder.``, encoder layer scalars under ``model.encoder.language_model.``); an FP8
+    model is written in the FP8 checkpoint layout ``load`` reads (``dgserve.model.fp8_checkpoint``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -407,7 +483,10 @@ def save(model: DiffusionGemma, out_dir: str | Path, generation: GenerationDefau
     tmp = out / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+    config = model.config.to_hf_dict()
+    if any(quant.is_fp8(t) for t in tensors.values()):
+        config["quantization_config"] = fp8_checkpoint.compressed_tensors_config()
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = generation or GenerationDefaults(eos_token_ids=model.config.text.eos_token_id)
     s = gen.sampling
     gen_json = {

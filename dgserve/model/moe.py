@@ -10,7 +10,8 @@ brings the results back. Only dispatch and combine differ; :func:`run_moe` is th
   segment alone would use, which makes a request's result independent of its batch-mates
   (``dgserve.model.batch_invariance``);
 - *grouped* (everything else): one grouped matmul per projection with per-expert offsets on the device, no
-  host synchronisation (``torch.nn.functional.grouped_mm`` where the device and dtype support it).
+  host synchronisation (``torch.nn.functional.grouped_mm`` where the device and dtype support it, or with
+  ``kernel = "triton"`` the fused MoE kernel of ``dgserve.kernels.fused_moe``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dgserve.model.batch_invariance import segment_runs_pay_off
+from dgserve.model.triton_ops import fused_expert_mlp
 
 
 @dataclass
@@ -40,8 +42,11 @@ class ExpertWeights(nn.Module):
     """Packed expert MLPs of one layer, ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``.
 
     ``expert_ids`` lists which global experts this module holds (all of them on a single device; a
-    rank's share under expert parallelism), in the order of the first dimension.
+    rank's share under expert parallelism), in the order of the first dimension. ``kernel``: how the grouped path
+    runs, ``"torch"`` (``grouped_mm``) or ``"triton"`` (the fast runner sets it from ``engine.moe_kernel``).
     """
+
+    kernel = "torch"
 
     def __init__(self, hidden: int, intermediate: int, expert_ids: list[int]) -> None:
         super().__init__()
@@ -61,7 +66,14 @@ class ExpertWeights(nn.Module):
         """``[N, H]`` expert outputs of the batch's rows, in the batch's order and x's dtype."""
         if batch.runs is not None:
             return expert_runs(batch.x, batch.runs, self)
+        if self.kernel == "triton" and batch.x.shape[0]:
+            return fused_expert_mlp(batch.x, batch.counts, self)
         return grouped_expert_mlp(batch.x, batch.counts, self)
+
+    def sync_free(self, x: torch.Tensor) -> bool:
+        """Whether the grouped path runs rows like ``x`` without reading the expert counts on the host (which a
+        CUDA graph could not capture)."""
+        return self.kernel == "triton" or grouped_mm_supported(x, self)
 
 
 def grouped_mm_supported(x: torch.Tensor, experts: ExpertWeights) -> bool:
@@ -100,7 +112,8 @@ def _(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[-1])
 
 
-def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``F.grouped_mm``; on CPU the opaque per-group op above."""
     if x.device.type == "cpu":
         return _grouped_mm_cpu(x, w, offs)
     return F.grouped_mm(x, w, offs=offs)
@@ -114,9 +127,9 @@ def grouped_expert_mlp(sorted_x: torch.Tensor, counts: torch.Tensor, experts: Ex
         return sorted_x.new_empty(0, sorted_x.shape[1])
     if grouped_mm_supported(sorted_x, experts):
         offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
-        gate_up = _grouped_mm(sorted_x, experts.gate_up_proj.transpose(-2, -1), offs)
+        gate_up = grouped_mm(sorted_x, experts.gate_up_proj.transpose(-2, -1), offs)
         gate, up = gate_up.chunk(2, dim=-1)
-        return _grouped_mm(F.gelu(gate, approximate="tanh") * up, experts.down_proj.transpose(-2, -1), offs)
+        return grouped_mm(F.gelu(gate, approximate="tanh") * up, experts.down_proj.transpose(-2, -1), offs)
     return expert_runs(sorted_x, [(local, int(n)) for local, n in enumerate(counts.tolist())], experts)
 
 

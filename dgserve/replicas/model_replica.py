@@ -60,7 +60,8 @@ class ModelReplica:
     def _start_engine(self) -> AsyncEngine:
         device = resolve_device(self.config.model.device)
         loaded = load(self.config.model.path, dtype=self.config.model.dtype, device=device,
-                      revision=self.config.model.revision, vision=self.config.model.vision)
+                      revision=self.config.model.revision, vision=self.config.model.vision,
+                      quantization=self.config.model.quantization, fp8_emulation=self.config.model.fp8_emulation)
         return AsyncEngine(Engine(loaded.model, loaded.generation, loaded.tokenizer, self.config.engine,
                                   vision=loaded.vision))
 
