@@ -317,6 +317,7 @@ async def test_engine_cancelled_is_503() -> None:
     ("/v1/chat/completions", chat(logit_bias={"5": 101}), "logit_bias", "less than or equal to 100"),
     ("/v1/chat/completions", chat(logit_bias={str(i): 1 for i in range(65)}), "logit_bias", "at most 64"),
     ("/v1/chat/completions", chat(top_logprobs=3), "top_logprobs", "needs logprobs: true"),
+    ("/v1/chat/completions", chat(n=2, stream=True, stream_drafts=True), "stream_drafts", "single choice"),
     ("/v1/chat/completions", chat(top_logprobs=21, logprobs=True), "top_logprobs", "less than or equal to 20"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 1, "echo": True}, "logprobs", "not both"),
     ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 4, "min_tokens": 5}, "min_tokens", "more than"),

@@ -291,6 +291,9 @@ class _OpenAIRoutes:
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         sampling = self._sampling(body)
         top = _top_logprobs(body)
+        if body.stream_drafts and len(prompts) * body.n > 1:
+            raise OpenAIHTTPError(400, "stream_drafts needs a single choice (one prompt, n = 1): drafts carry no "
+                                  "choice index", param="stream_drafts")
         specs: list[tuple[GenerationRequest, ChoiceState]] = []
         for p, (ids, echo) in enumerate(prompts):
             max_tokens = self._max_tokens(body, len(ids), prompt_param)
@@ -615,8 +618,14 @@ block of tokens) at a time, each canvas denoised in several steps.
 * **Streaming** sends one chunk per committed canvas, in OpenAI's chunk format, ending with `data: [DONE]`;
   `stream_options.include_usage` adds a final chunk with empty `choices` and the `usage`.
 * **Diffusion parameters** (dgserve extensions, optional): `entropy_bound`, `max_denoising_steps`, `t_max`,
-  `t_min`, `ignore_eos`; `seed` makes output reproducible. `temperature` scales the t_max -> t_min schedule;
-  `top_p` < 1, penalties, `n` > 1, logprobs and tools are rejected with a 400.
+  `t_min`, `ignore_eos`; `seed` makes output reproducible. `temperature` scales the t_max -> t_min schedule.
+* **Sampling filters** (`top_p`, `top_k`, `min_p`, `logit_bias`) apply to every denoising step's distribution;
+  penalties are accepted at their neutral value only (a canvas is sampled in parallel).
+* **Choices**: a list of prompts on /v1/completions and `n` give indexed choices (streamed with their indices).
+* **logprobs**: each returned token's log-probability under the distribution of the denoising step that accepted
+  it (the last step that kept that token at its position), with that step's top alternatives.
+* **Tools** in the checkpoint's chat format (DiffusionGemma: Gemma 4's), parsed back into `tool_calls`; a forced
+  `tool_choice` and `response_format` JSON are enforced by constrained denoising (a grammar masks each position).
 * **Images** (a model with a vision tower): chat `image_url` parts with `data:image/png|jpeg|webp;base64,...`
   URLs; http(s) URLs only from hosts the operator allows (off by default). Bad images, or more images, pixels
   or bytes than the server's limits, are a 400 naming the part.
