@@ -38,7 +38,10 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     names: dict[str, tuple[str, dict[str, Any]]] = {}  # call id -> (function name, the assistant message)
     for i, m in enumerate(messages):
         if m.role == "tool":
-            name, owner = names[m.tool_call_id or ""]  # the protocol checked it names an earlier call
+            if m.tool_call_id not in names:
+                raise ToolFormatError(f"messages[{i}]: tool_call_id {m.tool_call_id!r} names no earlier assistant "
+                                      "tool call")
+            name, owner = names[m.tool_call_id or ""]
             owner.setdefault("tool_responses", []).append({"name": name, "response": _result(m.text)})
             continue
         entry = m.for_template()
