@@ -113,10 +113,10 @@ def _required_call(raw: str) -> ToolCall | None:
     """``tool_choice: required``'s output, ``{"name": ..., "arguments": {...}}``, as a call (None if cut short)."""
     try:
         value = json.loads(raw)
-    except json.JSONDecodeError:
+        name, arguments = value["name"], value["arguments"]
+    except (json.JSONDecodeError, KeyError, TypeError):
         return None
-    return ToolCall(id=new_call_id(), function=FunctionCall(name=value["name"], arguments=json.dumps(
-        value["arguments"])))
+    return ToolCall(id=new_call_id(), function=FunctionCall(name=str(name), arguments=json.dumps(arguments)))
 
 
 def required_call_schema(tools: list[tuple[str, dict]]) -> dict:
