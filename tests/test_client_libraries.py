@@ -6,7 +6,6 @@ with each method) and ``OpenAI`` (batch with its default batch size of 20, i.e. 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 
 import pytest
@@ -37,8 +36,8 @@ class Anything(BaseModel):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DgserveRun]:
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm reads its price list from the package
-    with dgserve_run(["--threads", "1"], tmp_path_factory.mktemp("run")) as run:
+    with pytest.MonkeyPatch.context() as env, dgserve_run(["--threads", "1"], tmp_path_factory.mktemp("run")) as run:
+        env.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm reads its price list from the package: offline
         yield run
 
 
