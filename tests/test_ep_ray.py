@@ -79,15 +79,18 @@ def _requests(n: int, prefix: str, seed: int = 0) -> list[GenerationRequest]:
     return out
 
 
-async def _rank_infos(handle, world: int) -> dict[int, dict]:
+async def _rank_infos(handle, world: int, timeout_s: float = 60.0) -> dict[int, dict]:
     """Every rank's info. The router sends each call to the least loaded rank, so calls are made in concurrent
-    rounds: one in flight makes its rank busier, and the next goes elsewhere."""
+    rounds: one in flight makes its rank busier, and the next goes elsewhere. A rank that has only just become
+    ready may be passed over for a while (the router probes queue lengths and caches them), so the rounds go on
+    until a deadline, with a pause between them, rather than for a fixed count."""
     infos: dict[int, dict] = {}
-    for _ in range(50):
+    deadline = time.monotonic() + timeout_s
+    while len(infos) < world and time.monotonic() < deadline:
         for info in await asyncio.gather(*[handle.rank_info.remote() for _ in range(2 * world)]):
             infos[info["rank"]] = info
-        if len(infos) == world:
-            break
+        if len(infos) < world:
+            await asyncio.sleep(0.2)
     assert len(infos) == world, infos
     return infos
 

@@ -146,3 +146,16 @@ def test_failovers_are_bounded_then_an_error_event():
     final = events[-1]
     assert isinstance(final, FinalEvent) and final.finish_reason == "error"
     assert "replica failed 4 times" in final.error and "EP group failed" in final.error
+
+
+def test_equally_loaded_replicas_share_the_traffic_under_a_random_tie_break():
+    import random
+
+    loads = [ReplicaLoad(r, 0, 100, False) for r in "abcd"]
+    assert rank_replicas(loads, S)[0] == ["a", "b"]  # the pure default: by id
+    rng = random.Random(0)
+    firsts = {rank_replicas(loads, S, tie_break=lambda _: rng.random())[0][0] for _ in range(200)}
+    assert firsts == set("abcd")
+    # the tie break never overrides load
+    loads[3] = ReplicaLoad("d", 1, 100, False)
+    assert all(_flat(rank_replicas(loads, S, tie_break=lambda _: rng.random()))[-1] == "d" for _ in range(50))

@@ -11,7 +11,8 @@ failed is tried last until Serve restarts the gang.
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
@@ -36,11 +37,15 @@ class ScoringSettings:
     affinity_slack: float = 8.0  # affinity wins unless its replica has this many more canvases than the least
 
 
-def rank_replicas(loads: Sequence[ReplicaLoad], settings: ScoringSettings) -> list[list[str]]:
-    """Pure scoring: returns ranks of replica ids, most preferred first."""
+def rank_replicas(loads: Sequence[ReplicaLoad], settings: ScoringSettings,
+                  tie_break: Callable[[str], object] | None = None) -> list[list[str]]:
+    """Pure scoring: returns ranks of replica ids, most preferred first. Replicas equal in failure, load and free
+    KV are ordered by ``tie_break(replica id)`` (the id itself by default); the router passes a random key, so
+    equally loaded replicas share the traffic instead of the same two always coming first."""
     if not loads:
         return []
-    by_load = sorted(loads, key=lambda r: (r.failed, r.canvases, -r.free_kv_blocks, r.replica))
+    key = tie_break or (lambda rid: rid)
+    by_load = sorted(loads, key=lambda r: (r.failed, r.canvases, -r.free_kv_blocks, key(r.replica)))
     least = by_load[0].canvases
     affine = [r for r in by_load if r.holds_prefix and not r.failed and r.canvases < settings.overload_canvases
               and r.canvases <= least + settings.affinity_slack]
@@ -63,6 +68,7 @@ class CanvasRouter(RequestRouter):
         self._block_size = block_size
         self._inflight: dict[str, int] = collections.defaultdict(int)  # outstanding requests sent by this router
         self._local_affinity: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._rng = random.Random()
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -81,7 +87,8 @@ class CanvasRouter(RequestRouter):
                 failed=bool(stats.get("failed", False)),
             ))
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        return [[by_id[i] for i in rank] for rank in rank_replicas(loads, self._settings)]
+        ranks = rank_replicas(loads, self._settings, tie_break=lambda _: self._rng.random())
+        return [[by_id[i] for i in rank] for rank in ranks]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         rid = replica_id.unique_id
