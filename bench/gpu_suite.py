@@ -373,14 +373,16 @@ def packed_measure(suite: Suite, model: DiffusionGemma, canvases: int) -> dict[s
     temp = 0.6
     # warm-up, and a soft-embedding input so the timed forwards run the self-conditioning MLP
     hidden = model(canvas, segments, kv, None)
-    _, argmax, _, soft = vocab_pass(model, hidden, temp, gen, canvas_len)
+    vp = vocab_pass(model, hidden, temp, gen, canvas_len)
+    argmax, soft = vp.argmax, vp.soft
     forward_s, vocab_s, commit_s = [], [], []
     commit_segments = [Segment("encode", q, canvas_len, p) for q in range(canvases)]
     for _ in range(s.reps):
         hidden, dt = suite.timed(lambda sc=soft: model(canvas, segments, kv, sc))
         forward_s.append(dt)
         # one canvas' rows per chunk: [canvas, vocab] fp32 temporaries, as an engine step would
-        (_, argmax, _, soft), dt = suite.timed(lambda h=hidden: vocab_pass(model, h, temp, gen, canvas_len))
+        vp, dt = suite.timed(lambda h=hidden: vocab_pass(model, h, temp, gen, canvas_len))
+        argmax, soft = vp.argmax, vp.soft
         vocab_s.append(dt)
         _, dt = suite.timed(lambda a=argmax: model(a, commit_segments, kv))
         commit_s.append(dt)

@@ -82,7 +82,8 @@ def run_in_process(aengine: Any, specs: list[RequestSpec], concurrency: int, tag
 
     async def one(s: RequestSpec) -> int:
         req = GenerationRequest(prompt_ids=list(s.prompt_ids), max_tokens=s.max_tokens, seed=s.seed,
-                                sampling=sampling, ignore_eos=True, request_id=f"{tag}-{s.index}")
+                                sampling=sampling, ignore_eos=True, min_tokens=s.max_tokens,
+                                request_id=f"{tag}-{s.index}")  # as the API's ignore_eos asks
         async for ev in aengine.generate(req):
             if isinstance(ev, FinalEvent):
                 if ev.finish_reason != "length":

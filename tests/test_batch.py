@@ -124,6 +124,22 @@ def test_a_row_cut_by_max_tokens_says_length(tmp_path):
     assert [t.strip() for t in out["text"]] == ["1 2", "1 2 3 7 8", "1 2 3 7 8 9", "1 2 3 7 8 9"]
 
 
+def test_tool_messages_in_a_batch_row(tmp_path):
+    """A chat row with a tool call and its result: refused with the API's reason on a checkpoint whose template
+    has no tool format (tiny-random's); a result naming no call is refused whatever the template."""
+    job = BatchJob(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out.jsonl"), **FAST)
+    call = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    rows = [{"id": 1, "messages": [{"role": "user", "content": "q"}, call,
+                                    {"role": "tool", "tool_call_id": "c1", "content": "1"}]},
+            {"id": 2, "messages": [{"role": "user", "content": "q"},
+                                    {"role": "tool", "tool_call_id": "zz", "content": "1"}]}]
+    prep = Prepare("jsonl", set())(_Rows([{"text": json.dumps(r)} for r in rows]))
+    out = EngineWorker(job.model_dump())({k: list(v) for k, v in prep.items()})
+    assert "has no tool format" in out["error"][0]
+    assert out["error"][1]  # refused (the template, or the call it names, says why)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--min-workers", "3", "--max-workers", "2"], "max_workers (2) < min_workers (3)"),
     (["--input", "/nonexistent.jsonl"], "/nonexistent.jsonl: no such file"),

@@ -150,3 +150,33 @@ def test_bench_cli_lists_and_rejects(capsys: pytest.CaptureFixture[str]) -> None
         assert name in listed
     assert cli.main(["bench", "no-such-bench"]) == 2
     assert "unknown benchmark 'no-such-bench'" in capsys.readouterr().err
+
+
+def test_json_cost_small(tmp_path: Path) -> None:
+    out = tmp_path / "json.jsonl"
+    r = _check_record(_run(["bench/json_cost.py", "--n", "3", "--max-tokens", "64", "--out", str(out)]), "json_cost",
+                      out)
+    constrained = [p for p in r["points"] if p["constrained"]]
+    assert len(constrained) == 2 and all(p["valid"] == 3 for p in constrained)  # every constrained output is valid
+    for p in r["points"]:
+        _positive(p, "steps_per_canvas", "seconds")
+
+
+def test_filter_entropy_small(tmp_path: Path) -> None:
+    out = tmp_path / "entropy.jsonl"
+    r = _check_record(_run(["bench/filter_entropy.py", "--n", "3", "--out", str(out)]), "filter_entropy", out)
+    assert {(p["filters"], p["acceptance_entropy"]) for p in r["points"]} >= {("top_k 1", "filtered"),
+                                                                            ("top_k 1", "unfiltered")}
+    for p in r["points"]:
+        _positive(p, "steps_per_canvas")
+
+
+def test_guidellm_small(tmp_path: Path) -> None:
+    """guidellm from PyPI against dgserve run, both endpoints, a handful of requests: none errors."""
+    out = tmp_path / "guidellm.jsonl"
+    r = _check_record(_run(["bench/guidellm_run.py", "--requests", "4", "--streams", "1", "--output-tokens", "32",
+                            "--results", str(tmp_path / "results"), "--out", str(out)], timeout=900), "guidellm", out)
+    assert r["errors"] == 0 and [p["endpoint"] for p in r["points"]] == ["/v1/chat/completions", "/v1/completions"]
+    for p in r["points"]:
+        assert p["successful"] == 4
+        _positive(p, "output_tokens_per_s", "ttft_ms")

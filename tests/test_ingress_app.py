@@ -307,25 +307,53 @@ async def test_engine_cancelled_is_503() -> None:
 
 
 @pytest.mark.parametrize(("path", "body", "param", "needle"), [
-    ("/v1/chat/completions", chat(n=2), "n", "n > 1"),
-    ("/v1/chat/completions", chat(logprobs=True), "logprobs", "logprobs"),
-    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 1}, "logprobs", "logprobs"),
-    ("/v1/chat/completions", chat(tools=[{"type": "function", "function": {"name": "f"}}]), "tools", "tools"),
+    ("/v1/chat/completions", chat(n=200), "n", "less than or equal to 128"),
+    ("/v1/chat/completions", chat(presence_penalty=0.5), "presence_penalty", "sampled in parallel"),
+    ("/v1/chat/completions", chat(frequency_penalty=-1), "frequency_penalty", "sampled in parallel"),
+    ("/v1/chat/completions", chat(repetition_penalty=1.2), "repetition_penalty", "accepts only 1.0"),
+    ("/v1/chat/completions", chat(reasoning_effort="high"), "reasoning_effort", "unset or 'none'"),
+    ("/v1/chat/completions", chat(top_k=5000), "top_k", "at most the 1024 most likely"),
+    ("/v1/chat/completions", chat(logit_bias={"x": 1}), "logit_bias", "not one"),
+    ("/v1/chat/completions", chat(logit_bias={"5": 101}), "logit_bias", "less than or equal to 100"),
+    ("/v1/chat/completions", chat(logit_bias={str(i): 1 for i in range(65)}), "logit_bias", "at most 64"),
+    ("/v1/chat/completions", chat(top_logprobs=3), "top_logprobs", "needs logprobs: true"),
+    ("/v1/chat/completions", chat(n=2, stream=True, stream_drafts=True), "stream_drafts", "single choice"),
+    ("/v1/chat/completions", chat(top_logprobs=21, logprobs=True), "top_logprobs", "less than or equal to 20"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "logprobs": 1, "echo": True}, "logprobs", "not both"),
+    ("/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 4, "min_tokens": 5}, "min_tokens", "more than"),
+    ("/v1/chat/completions", chat(chat_template_kwargs={"messages": []}), "chat_template_kwargs", "cannot set"),
+    ("/v1/chat/completions", chat(tool_choice={"type": "function", "function": {"name": "g"}},
+                                  tools=[{"type": "function", "function": {"name": "f"}}]), "tool_choice", "'g'"),
+    ("/v1/chat/completions", chat(tool_choice="required"), "tool_choice", "needs tools"),
+    ("/v1/chat/completions", chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "not": {"required": ["a"]}}}}), "response_format", "'not' is not supported"),
+    ("/v1/chat/completions", chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "object", "properties": {"a": {"$ref": "https://example.com/s.json"}}}}}), "response_format",
+     "only local $ref"),
+    ("/v1/chat/completions", chat(response_format={"type": "json_schema"}), "response_format", "needs a json_schema"),
+    ("/v1/chat/completions", chat(tool_choice="required", response_format={"type": "json_object"}, tools=[
+        {"type": "function", "function": {"name": "f"}}]), "response_format", "forced tool_choice"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "q"}, {
+        "role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "f", "arguments": "{}"}}]}, {"role": "tool", "tool_call_id": "c1", "content": "1"}]},
+     "messages", "no tool format"),
     ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": [
         {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages", "'image_url'"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages", "tool"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages",
+     "needs the tool_call_id"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x", "tool_call_id": "z"}]},
+     "messages", "names no earlier assistant tool call"),
     ("/v1/chat/completions", chat(max_tokens=0), "max_tokens", "greater than or equal to 1"),
     ("/v1/chat/completions", chat(max_tokens="10"), "max_tokens", "valid integer"),
     ("/v1/chat/completions", chat(max_tokens=5, max_completion_tokens=6), "max_completion_tokens", "disagree"),
     ("/v1/chat/completions", chat(frobnicate=True), "frobnicate", "Unrecognized request argument"),
-    ("/v1/chat/completions", chat(top_p=0.5), "top_p", "top_p"),
     ("/v1/chat/completions", chat(temperature=0.5, t_max=1.0), "t_max", "not both"),
     ("/v1/chat/completions", chat(t_min=0.9), "t_max", "must be greater than t_min"),
     ("/v1/chat/completions", chat(stream_options={"include_usage": True}), "stream_options", "stream is true"),
     ("/v1/chat/completions", chat(stream_drafts=True), "stream_drafts", "stream: true"),
-    ("/v1/chat/completions", chat(response_format={"type": "json_object"}), "response_format", "text"),
-    ("/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}, "prompt", "one request per prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": []}, "prompt", "must not be an empty list"),
+    ("/v1/completions", {"model": MODEL, "prompt": [[1], []]}, "prompt", "empty list of token ids"),
     ("/v1/completions", {"model": MODEL, "prompt": [5, 2000]}, "prompt", "out of range"),
     ("/v1/completions", {"model": MODEL, "prompt": "x" * 64}, "prompt", "maximum context length is 64"),
     ("/v1/completions", {"model": MODEL, "prompt": "x" * 10, "max_tokens": 60}, "max_tokens", "70 tokens"),
@@ -375,8 +403,9 @@ async def test_invalid_json_is_400() -> None:
 
 async def test_openai_client_sees_400_and_404() -> None:
     client = oai(build_fastapi_app(FakeBackend()))
-    with pytest.raises(openai.BadRequestError, match="n > 1"):
-        await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], n=2)
+    with pytest.raises(openai.BadRequestError, match="presence_penalty is not supported"):
+        await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                             presence_penalty=1.0)
     with pytest.raises(openai.NotFoundError) as info:
         await client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
     assert info.value.code == "model_not_found" and info.value.param == "model"

@@ -98,16 +98,28 @@ def test_error_statuses_are_typed_exceptions(main_app):
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="no-such-model", prompt="x", max_tokens=4)
     with pytest.raises(openai.BadRequestError):
-        c.completions.create(model=MODEL, prompt="x", max_tokens=4, n=2)
+        c.completions.create(model=MODEL, prompt="x", max_tokens=4, presence_penalty=1.0)
     with pytest.raises(openai.BadRequestError):
-        c.completions.create(model=MODEL, prompt="x", max_tokens=4, logprobs=2)
-    with pytest.raises(openai.BadRequestError):
-        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=4,
-                                  tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+        c.completions.create(model=MODEL, prompt="x", max_tokens=4, logprobs=2, echo=True)
+    with pytest.raises(openai.BadRequestError, match="no tool format"):
+        c.chat.completions.create(model=MODEL, max_tokens=4, messages=[
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "1"}])
     with pytest.raises(openai.BadRequestError):
         c.completions.create(model=MODEL, prompt="x " * 5000, max_tokens=4)  # over the context limit
     with pytest.raises(openai.BadRequestError):
         c.completions.create(model=MODEL, prompt="x", max_tokens=-1)
+
+
+def test_choices_of_one_request_through_serve(main_app):
+    """A batch of prompts times n is one handle call per choice, all at once, under one API request."""
+    c = _client(main_app)
+    reply = c.completions.create(model=MODEL, prompt=["a b", "c d", "e f"], n=2, max_tokens=4, seed=3)
+    assert [ch.index for ch in reply.choices] == list(range(6))
+    stream = c.completions.create(model=MODEL, prompt=["a b", "c d"], n=2, max_tokens=4, seed=3, stream=True)
+    assert {ch.choices[0].index for ch in stream if ch.choices} == {0, 1, 2, 3}
 
 
 def test_32_concurrent_streams_equal_solo_runs(main_app, solo):

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 
 from dgserve.config import DEFAULT_MODEL, ImageSettings
 from dgserve.routing.openai_protocol import ChatMessage, image_urls
+from dgserve.routing.tool_calls import ToolFormatError, template_messages, template_supports_tools
 
 if TYPE_CHECKING:
     from dgserve.engine.request import PromptImage
@@ -279,11 +280,19 @@ class EngineWorker:
     def _prompt(self, request: dict[str, Any]) -> tuple[list[int], tuple[PromptImage, ...]]:
         """A row's prompt ids (and images: a chat's image_url parts, loaded and expanded as the API does)."""
         from dgserve.routing.images import ImageURL
+        from dgserve.routing.prompts import InvalidPromptError
 
         if "messages" not in request:
             return self.prompts.encode(request["prompt"]), ()
         chat = [ChatMessage.model_validate(m) for m in request["messages"]]
-        messages = [m.for_template() for m in chat]
+        if any(m.tool_calls or m.role == "tool" for m in chat) and not template_supports_tools(
+                self.loaded.tokenizer.chat_template):
+            raise InvalidPromptError("this model's chat template has no tool format, so it cannot be shown tool "
+                                     "calls or tool results", "messages")
+        try:  # tool calls and results as the API passes them to the chat template
+            messages = template_messages(chat)
+        except ToolFormatError as exc:
+            raise InvalidPromptError(str(exc), "messages") from exc
         urls = [ImageURL(url, where) for url, where in image_urls(chat)]
         if not urls:
             return self.prompts.encode_chat(messages), ()

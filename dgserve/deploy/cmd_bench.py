@@ -26,6 +26,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "step-floor": ("step_floor.py", "matmul + multinomial-noise floor of a denoising step (exact-parity bound)"),
     "serving-overhead": ("serving_overhead.py", "HTTP + Ray Serve vs the engine in-process at saturation"),
     "ep-overhead": ("ep_overhead.py", "expert-parallel step split (CPU, gloo) + DGX H100 roofline"),
+    "guidellm": ("guidellm_run.py", "guidellm's streaming benchmark against dgserve run, chat and completions"),
+    "json-cost": ("json_cost.py", "JSON output by constrained denoising vs free text on the tiny model"),
+    "filter-entropy": ("filter_entropy.py", "acceptance entropy filtered or not, with sampling filters (tiny)"),
     "fp8-quality": ("fp8_quality.py", "FP8 weights (CPU emulation) vs bf16: logits error, top-1, tiny's accuracy"),
     "gpu-suite": ("gpu_suite.sh", "the one-GPU suite (26B-A4B, random bf16 weights; --cpu-smoke on CPU)"),
 }

@@ -18,11 +18,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from dgserve.engine import fast_step
+from dgserve.engine.constrained import ConstrainedCanvas, constrained_step
 from dgserve.engine.finish import canvas_outcome, text_ids
+from dgserve.engine.grammar import Grammars, GrammarUnavailable, Matcher
 from dgserve.engine.kv_budget import default_kv_budget
 from dgserve.engine.kv_pages import BlockTable, KVPagePool, PagedKV
 from dgserve.engine.prefix_cache import PrefixCache
@@ -42,7 +45,16 @@ from dgserve.engine.request import (
     RequestStats,
 )
 from dgserve.engine.runner import FastRunner, Row
-from dgserve.engine.sampler import StabilityTracker, denoise_step, random_canvas
+from dgserve.engine.sampler import (
+    StabilityTracker,
+    VocabPass,
+    default_chunk_rows,
+    denoise_step,
+    random_canvas,
+    temperature,
+    vocab_pass,
+)
+from dgserve.engine.sampling_filters import AcceptedLogprobs, RowFilters
 from dgserve.engine.sampling_noise import NoisePrefetcher
 from dgserve.engine.scheduler import SchedulerLimits, SeqView, StepPlan, Work, schedule
 from dgserve.engine.single import make_generator
@@ -116,6 +128,10 @@ class _Seq:
     seed: int = 0  # fast mode: the counter-based randomness' seed
     canvas_started: bool = False  # fast mode: the current canvas has taken at least one step
     prompt_keys: list[int] = field(default_factory=list)  # the prompt as the prefix cache hashes it (images in)
+    accepted_lp: AcceptedLogprobs | None = None  # exact mode, with logprobs: per position of the current canvas
+    final_lp: VocabPass | None = None  # exact mode, with logprobs: the last step's log-probabilities
+    matcher: Matcher | None = None  # constrained requests: the grammar state after the tokens decided so far
+    constrained: ConstrainedCanvas | None = None  # constrained requests: the current canvas
 
     def next_boundary(self, chunk: int, canvas: int) -> int:
         """End of the next prefill chunk. Boundaries are fixed: the prompt in ``chunk``-sized pieces from
@@ -188,6 +204,7 @@ class Engine:
         self.preemptions = 0
         prefetch = self.config.sampling_noise_prefetch_bytes
         self._noise = NoisePrefetcher(prefetch) if prefetch and model.device.type == "cpu" and not fast else None
+        self._grammars: Grammars | None = None
         self.runner: FastRunner | None = None
         if fast:
             on_cuda = model.device.type == "cuda"
@@ -214,6 +231,7 @@ class Engine:
             check_images(req.prompt_ids, req.images, self.model.config.image_token_id)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from exc
+        self._check_constraint(req)
         fits = self.max_tokens_that_fit(req)
         if fits == 0:
             raise PromptTooLong(self._too_large(req, fits))
@@ -221,6 +239,31 @@ class Engine:
             raise MaxTokensTooLarge(self._too_large(req, fits))
         if self.config.max_waiting is not None and len(self.waiting) >= self.config.max_waiting:
             raise EngineOverloaded(len(self.waiting))
+
+    def _check_constraint(self, req: GenerationRequest) -> None:
+        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
+            raise InvalidRequest("logprobs asks for 0 to 20 alternatives")
+        bias = req.sampling.logit_bias or {}
+        if any(not 0 <= t < self.vocab for t in bias):
+            raise InvalidRequest(f"logit_bias names token ids outside the vocabulary [0, {self.vocab})")
+        if req.constraint is None:
+            return
+        if req.ignore_eos:
+            raise InvalidRequest("ignore_eos cannot be combined with JSON output (the output ends where the JSON does)")
+        try:
+            self.grammars().compile(req.constraint)
+        except GrammarUnavailable as exc:
+            raise InvalidRequest(str(exc)) from exc
+        except (RuntimeError, ValueError) as exc:
+            raise InvalidRequest(f"the JSON schema cannot be compiled into a grammar: {exc}") from exc
+
+    def grammars(self) -> Grammars:
+        """The JSON grammar compiler for this model's tokenizer (made on first use)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise GrammarUnavailable("JSON output needs the checkpoint's tokenizer")
+            self._grammars = Grammars(self.tokenizer, self.vocab, tuple(self.generation.eos_token_ids))
+        return self._grammars
 
     def max_tokens_that_fit(self, req: GenerationRequest) -> int:
         """The largest max_tokens this request can have for its KV to fit the cache when it runs alone.
@@ -257,8 +300,12 @@ class Engine:
                    started=time.perf_counter(), prompt_len=len(req.prompt_ids),
                    seed=seed if seed is not None else int(torch.randint(0, 1 << 62, (1,), generator=gen)),
                    prompt_keys=key_ids(req.prompt_ids, req.images))
+        if req.constraint is not None:
+            seq.matcher = self.grammars().matcher(req.constraint)
+            for t in text_ids(req.committed_ids, self.generation.pad_token_id):  # failover: the output so far
+                seq.matcher.accept(t)
         if self.tokenizer is not None:
-            seq.decoder = self.tokenizer.incremental_decoder()
+            seq.decoder = self.tokenizer.incremental_decoder(req.skip_special_tokens)
             # failover: the text of these tokens was already streamed; prime the decoder canvas by canvas so
             # a character split across the canvas boundary comes out exactly as it would have without it
             for i in range(0, len(req.committed_ids), self.canvas):
@@ -315,9 +362,11 @@ class Engine:
         with torch.inference_mode():
             if self.runner is not None:
                 # prefill chunks holding images take the exact packed forward (whole images, their features and
-                # mask); everything else the fast runner's rows
+                # mask), and so do the canvases of constrained requests (their grammar runs on the host between
+                # positions); everything else the fast runner's rows
                 imaged = [(w, s) for w, s in seqs
-                          if w.kind == "prefill" and s.next_images(self.prefill_chunk, self.canvas)]
+                          if (w.kind == "prefill" and s.next_images(self.prefill_chunk, self.canvas))
+                          or (w.kind != "prefill" and s.matcher is not None)]
                 if imaged:
                     events.extend(self._forward_exact(imaged))
                 # an expert-parallel rank runs one forward per step, as its peers do (each forward is a sequence of
@@ -412,7 +461,9 @@ class Engine:
                 rows.append(Row(fast_step.DENOISE, s.slot, s.cached_len, s.table, self.canvas,
                                 fresh=not s.canvas_started, cur_step=p.max_denoising_steps - s.steps, sampling=p,
                                 greedy=p.greedy, seed=s.seed,
-                                canvas_index=len(s.req.committed_ids) // self.canvas + s.canvas_index))
+                                canvas_index=len(s.req.committed_ids) // self.canvas + s.canvas_index,
+                                suppress_before=self.suppress_before(s), suppress_ids=self.suppressed_ids(),
+                                logprobs=s.req.logprobs is not None))
         out = self.runner.run(rows)
         self._count_forward(seqs)
         events: list[Event] = []
@@ -425,13 +476,17 @@ class Engine:
             s.steps += 1
             s.last_served = self.step_index
             finished = bool(result[fast_step.OUT_FINISHED])
+            tokens = result[fast_step.OUT_TOKENS:fast_step.OUT_TOKENS + self.canvas]
             if s.req.draft_every and s.steps % s.req.draft_every == 0 and not finished:
-                ids = result[fast_step.OUT_TOKENS:].tolist()
+                ids = tokens.tolist()
                 text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
                 events.append(DraftEvent(s.req.request_id, ids, text, s.steps))
             if finished:
                 s.canvas_started = False
-                events.extend(self._finish_canvas(s, result[fast_step.OUT_TOKENS:].tolist()))
+                reported = None
+                if s.req.logprobs is not None:
+                    reported = _fast_logprobs(result[fast_step.OUT_TOKENS + self.canvas:], self.canvas)
+                events.extend(self._finish_canvas(s, tokens.tolist(), reported))
         return events
 
     def _count_forward(self, seqs: list[tuple[Work, _Seq]]) -> None:
@@ -512,11 +567,17 @@ class Engine:
         s.tracker = StabilityTracker(s.req.sampling)
         s.cur_step = s.req.sampling.max_denoising_steps
         s.steps = 0
+        if s.req.logprobs is not None:
+            s.accepted_lp = AcceptedLogprobs.empty((self.canvas,), self.model.device)
+        if s.matcher is not None:
+            s.constrained = ConstrainedCanvas(s.canvas.clone())
+            s.canvas = s.constrained.tokens
         self._prefetch_noise(s)
 
     def _prefetch_noise(self, s: _Seq) -> None:
         """Start drawing the next step's sampling noise (the generator's next use) on the noise thread."""
-        if self._noise is not None and s.noise is None and not s.req.sampling.greedy:  # greedy draws no noise
+        # greedy draws no noise; constrained canvases sample position by position
+        if self._noise is not None and s.noise is None and not s.req.sampling.greedy and s.matcher is None:
             s.noise = self._noise.submit((self.canvas, self.vocab), s.gen)
 
     def _drop_noise(self, s: _Seq) -> None:
@@ -528,14 +589,56 @@ class Engine:
         """Exact mode: called with each denoising step's final hidden states ``[C, H]``, before sampling. A no-op;
         a subclass that records them (logits of every step, for parity checks) overrides it."""
 
+    def _after_constrained(self, s: _Seq, hidden: torch.Tensor) -> list[Event]:
+        """A constrained canvas' step (``dgserve.engine.constrained``): decide a left-to-right run of positions."""
+        assert s.constrained is not None and s.matcher is not None
+        params = s.req.sampling
+        temp = temperature(max(s.cur_step, 1), params)  # past the schedule's steps: its last temperature
+        # the next step's self-conditioning comes from the unfiltered distribution, as in an unconstrained step
+        soft = vocab_pass(self.model, hidden, temp, s.gen, default_chunk_rows(self.vocab), greedy=True).soft
+        filters = self._filters(s) or RowFilters.for_canvas(params, self.canvas, 0, (), self.model.device)
+        constrained_step(self.model, hidden, s.constrained, temp, params, s.gen, s.matcher, filters,
+                         self.generation.eos_token_ids[0], logprobs=s.req.logprobs is not None)
+        s.steps += 1
+        s.last_served = self.step_index
+        s.soft = soft
+        s.cur_step -= 1
+        events: list[Event] = []
+        c = s.constrained
+        if not c.done:
+            if s.req.draft_every and s.steps % s.req.draft_every == 0:
+                ids = c.tokens[:c.fixed].tolist()
+                events.append(DraftEvent(s.req.request_id, ids, self.tokenizer.decode(ids) if self.tokenizer else "",
+                                         s.steps))
+            return events
+        reported = None
+        if s.req.logprobs is not None:
+            n = max((len(ids) for ids, _ in c.top), default=1)
+            ids = torch.tensor([i + [0] * (n - len(i)) for i, _ in c.top])
+            values = torch.tensor([v + [0.0] * (n - len(v)) for _, v in c.top])
+            reported = (torch.tensor(c.logprobs), ids, values)
+        committed = c.tokens.tolist()
+        s.argmax = c.tokens
+        s.constrained = None
+        return self._finish_canvas(s, committed, reported)
+
     def _after_denoise(self, s: _Seq, hidden: torch.Tensor) -> list[Event]:
         self.denoised(s.req.request_id, s.steps, hidden)
+        if s.constrained is not None:
+            return self._after_constrained(s, hidden)
         noise = None
         if s.noise is not None and self._noise is not None:
             noise = self._noise.take(s.noise)
             s.noise = None
-        out = denoise_step(self.model, hidden, s.canvas, s.cur_step, s.req.sampling, s.gen, noise=noise)
+        logprobs = s.req.logprobs is not None
+        out = denoise_step(self.model, hidden, s.canvas, s.cur_step, s.req.sampling, s.gen, noise=noise,
+                           filters=self._filters(s), logprobs=logprobs)
         del noise
+        if out.logprobs is not None:
+            assert s.accepted_lp is not None and out.sample is not None
+            lp = out.logprobs
+            s.accepted_lp = s.accepted_lp.accept(out.accepted, out.sample, lp.logprob, lp.top_ids, lp.top_logprobs)
+            s.final_lp = lp
         s.steps += 1
         s.last_served = self.step_index
         s.canvas, s.argmax, s.soft = out.canvas, out.argmax, out.soft
@@ -549,10 +652,32 @@ class Engine:
             text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
             events.append(DraftEvent(s.req.request_id, ids, text, s.steps))
         if stop or s.cur_step == 0:
-            events.extend(self._finish_canvas(s, s.argmax.tolist()))
+            reported = None
+            if s.accepted_lp is not None and s.final_lp is not None:
+                f = s.final_lp
+                reported = s.accepted_lp.report(s.argmax, f.argmax_logprob, f.top_ids, f.top_logprobs)
+            events.extend(self._finish_canvas(s, s.argmax.tolist(), reported))
         return events
 
-    def _finish_canvas(self, s: _Seq, committed: list[int]) -> list[Event]:
+    def suppressed_ids(self) -> tuple[int, ...]:
+        """What min_tokens keeps out of the first positions: EOS and padding (neither is text)."""
+        pad = self.generation.pad_token_id
+        return tuple(self.generation.eos_token_ids) + (() if pad is None else (pad,))
+
+    def suppress_before(self, s: _Seq) -> int:
+        """Positions of the next canvas where EOS and padding are not sampled (min_tokens not reached yet)."""
+        return max(0, s.req.min_tokens - s.stats.completion_tokens)
+
+    def _filters(self, s: _Seq) -> RowFilters | None:
+        """The request's sampling filters for its current canvas (None: none, the reference's arithmetic)."""
+        before = self.suppress_before(s)
+        if not s.req.sampling.filtered and before == 0:
+            return None
+        return RowFilters.for_canvas(s.req.sampling, self.canvas, before, self.suppressed_ids(), self.model.device)
+
+    def _finish_canvas(self, s: _Seq, committed: list[int],
+                       logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> list[Event]:
+        """Commit a canvas; ``logprobs``: its positions' reported log-probabilities ([C], [C, N] ids, [C, N])."""
         s.stats.denoise_steps += s.steps
         s.stats.steps_per_canvas.append(s.steps)
         s.stats.canvases += 1
@@ -562,34 +687,64 @@ class Engine:
         outcome = canvas_outcome(committed, s.req.max_tokens - len(s.out_ids), self.generation.eos_token_ids, pad,
                                  s.req.ignore_eos)
         new = outcome.token_ids
+        completion = outcome.completion_tokens
         finish: FinishReason | None = outcome.finish
         text = s.decoder.push(text_ids(new, pad)) if s.decoder is not None else ""
         if finish is not None and s.decoder is not None:
             text += s.decoder.flush()  # the final canvas: emit any held-back partial character too
         if s.req.stop and s.decoder is not None:
-            # stop strings are matched on committed text; the output is cut where the first one starts
-            full = s.text + text
-            cuts = [i for x in s.req.stop if (i := full.find(x)) >= 0]
-            if cuts:
-                end = min(cuts)
-                text = full[len(s.text):end] if end >= len(s.text) else ""
+            cut = self._stop_cut(s, s.text + text, new)
+            if cut is not None:
+                end, kept = cut
+                text = (s.text + text)[len(s.text):end] if end >= len(s.text) else ""
+                new = new[:kept]
+                completion = sum(1 for t in new if t != pad)
                 finish = "stop"
         s.text += text
         s.out_ids.extend(new)
-        s.stats.completion_tokens += outcome.completion_tokens
+        s.stats.completion_tokens += completion
         s.canvas_index += 1
         s.canvas = s.soft = s.tracker = None
+        s.accepted_lp = s.final_lp = s.constrained = None
         if finish is None:
             s.tokens.extend(committed)
             s.phase = "commit"
         rng = None
         if finish is None:
             rng = fast_rng_state(s.seed) if self.runner is not None else bytes(s.gen.get_state().numpy().tobytes())
-        events: list[Event] = [CanvasEvent(s.req.request_id, new, text, s.canvas_index - 1, rng,
-                                           outcome.completion_tokens)]
+        event = CanvasEvent(s.req.request_id, new, text, s.canvas_index - 1, rng, completion)
+        if logprobs is not None and s.req.logprobs is not None:
+            lp, ids, values = (t[:len(new)].tolist() for t in logprobs)
+            n = s.req.logprobs
+            text_at = [j for j, t in enumerate(new) if t != pad]
+            event.logprob_token_ids = [new[j] for j in text_at]
+            event.logprobs = [lp[j] for j in text_at]
+            event.top_logprobs = [list(zip(ids[j][:n], values[j][:n], strict=True)) for j in text_at]
+        events: list[Event] = [event]
         if finish is not None:
             events.append(self._finish(s, finish))
         return events
+
+    def _stop_cut(self, s: _Seq, full: str, new: list[int]) -> tuple[int, int] | None:
+        """Where the first stop string cuts the text ``full`` (committed text plus this canvas'), and how many of this
+        canvas' ids ``new`` the kept text needs; None when no stop string counts yet. The text is cut before the stop
+        string (after it with include_stop_str); a match within the first min_tokens tokens does not count."""
+        assert self.tokenizer is not None
+        pad = self.generation.pad_token_id
+        matches = sorted((i, i + len(x), i + len(x) if s.req.include_stop_str else i) for x in s.req.stop
+                         for i in _find_all(full, x))
+        for _, match_end, end in matches:
+            if match_end <= len(s.text):
+                continue  # inside the text of earlier canvases: checked when they committed
+            # the fewest of this canvas' ids whose text reaches ``end`` (the text of ids is the decode of all ids)
+            before = text_ids(s.out_ids, pad)
+            kept = next((j for j in range(len(new) + 1)
+                         if len(self.tokenizer.decode(before + text_ids(new[:j], pad), s.req.skip_special_tokens))
+                         >= end), len(new))
+            if s.stats.completion_tokens + sum(1 for t in new[:kept] if t != pad) < s.req.min_tokens:
+                continue
+            return end, kept
+        return None
 
     def _finish(self, s: _Seq, reason: FinishReason, error: str | None = None) -> FinalEvent:
         self._drop_noise(s)
@@ -632,6 +787,25 @@ class Engine:
 
 
 FAST_RNG_TAG = b"dgserve-fast-rng:"
+
+
+def _fast_logprobs(columns, canvas: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logprob columns of a fast step's output row (``fast_step.output_width``) as ([C], [C, N], [C, N])."""
+    flat = torch.from_numpy(np.ascontiguousarray(columns))
+    n = (flat.shape[0] - canvas) // (2 * canvas)
+    lp = flat[:canvas].view(torch.float32)
+    ids = flat[canvas:canvas + canvas * n].long().view(canvas, n)
+    values = flat[canvas + canvas * n:canvas + 2 * canvas * n].contiguous().view(torch.float32).view(canvas, n)
+    return lp, ids, values
+
+
+def _find_all(text: str, sub: str) -> list[int]:
+    """Start of every occurrence of ``sub`` in ``text``."""
+    out, i = [], text.find(sub)
+    while i >= 0:
+        out.append(i)
+        i = text.find(sub, i + 1)
+    return out
 
 
 def resolve_execution(execution: str, device: torch.device) -> str:

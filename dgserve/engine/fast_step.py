@@ -6,7 +6,10 @@ and writes only to persistent tensors (canvas state, KV pages) through index cop
 compiled and captured in one CUDA graph per bucket (``dgserve.engine.runner``). The host sends one int32
 ``[S, F]`` array per step (:class:`StepLayout` says where each field lies) and gets one int32 ``[S, 2 + C]``
 array back: ``finished``, ``accepted`` positions, and the argmax canvas (the committed tokens of a finished
-canvas, the draft of one still running).
+canvas, the draft of one still running). A step whose rows ask for sampling filters or logprobs runs a variant of
+the program (:class:`StepVariant`, chosen on the host from the rows' settings, one graph per variant): filters
+read fixed-size per-row fields of the input (``dgserve.engine.sampling_filters``); logprobs add each position's
+reported log-probability and top alternatives to the output row.
 """
 
 from __future__ import annotations
@@ -18,16 +21,44 @@ import torch
 
 from dgserve.engine import counter_rng
 from dgserve.engine.denoising import DenoisingAlgorithm, inverse_cdf_sample, schedule_temperature
+from dgserve.engine.sampling_filters import (
+    ACCEPTANCE_ENTROPY,
+    TOP_LOGPROBS,
+    AcceptedLogprobs,
+    RowFilters,
+    filtered_logits,
+    top_logprobs,
+)
 from dgserve.model.canvas_batch import CanvasBatch, RowDescriptors, attn_layout, sliding_blocks, write_blocks
 from dgserve.model.diffusion_gemma import DiffusionGemma
+from dgserve.model.generation_config import MAX_LOGIT_BIAS
 
 # row kinds
 PAD, DENOISE, COMMIT, PREFILL = 0, 1, 2, 3
 # header fields of an input row (int32; the four floats are stored as their float32 bits)
 (F_SLOT, F_KIND, F_LENGTH, F_PREFIX, F_FRESH, F_CUR_STEP, F_MAX_STEPS, F_CANVAS_INDEX, F_SEED_LO, F_SEED_HI,
- F_SLIDING_BASE, F_THRESHOLD, F_GREEDY, F_T_MIN, F_T_DELTA, F_BOUND, F_CONFIDENCE) = range(17)
-HEADER = 17
+ F_SLIDING_BASE, F_THRESHOLD, F_GREEDY, F_T_MIN, F_T_DELTA, F_BOUND, F_CONFIDENCE,
+ F_TOP_K, F_TOP_P, F_MIN_P, F_SUPPRESS_BEFORE) = range(21)
+HEADER = 21
+SUPPRESS_SLOTS = 8  # ids min_tokens keeps out of a canvas' first positions (EOS ids and pad), -1 padded
 OUT_FINISHED, OUT_ACCEPTED, OUT_TOKENS = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class StepVariant:
+    """Which optional parts a step's program runs (the host picks it from the rows' settings)."""
+
+    filters: bool = False  # some row has sampling filters or min_tokens' suppression
+    logprobs: bool = False  # some row reports log-probabilities
+
+
+PLAIN = StepVariant()
+
+
+def output_width(canvas: int, variant: StepVariant) -> int:
+    """Columns of an output row: finished, accepted, the argmax canvas; with logprobs each position's reported
+    log-probability (float32 bits), then its top ids, then their log-probabilities (bits), ``TOP_LOGPROBS`` each."""
+    return 2 + canvas + (canvas * (1 + 2 * TOP_LOGPROBS) if variant.logprobs else 0)
 
 
 @dataclass(frozen=True)
@@ -73,8 +104,23 @@ class StepLayout:
         return slice(start, start + self.write_blocks)
 
     @property
+    def bias_ids(self) -> slice:
+        start = self.sliding_write.stop
+        return slice(start, start + MAX_LOGIT_BIAS)
+
+    @property
+    def bias_values(self) -> slice:  # float32 bits
+        start = self.bias_ids.stop
+        return slice(start, start + MAX_LOGIT_BIAS)
+
+    @property
+    def suppress_ids(self) -> slice:
+        start = self.bias_values.stop
+        return slice(start, start + SUPPRESS_SLOTS)
+
+    @property
     def width(self) -> int:
-        return self.sliding_write.stop
+        return self.suppress_ids.stop
 
 
 @dataclass
@@ -85,6 +131,7 @@ class CanvasState:
     argmax: torch.Tensor  # [N + 1, C] its last argmax (what a commit encodes)
     soft: torch.Tensor  # [N + 1, C, H] self-conditioning input for its next step
     run: torch.Tensor  # [N + 1] consecutive steps with an unchanged argmax canvas
+    accepted_lp: AcceptedLogprobs  # [N + 1, C, ...] what logprobs report (kept by the logprobs variant only)
 
     @classmethod
     def allocate(cls, slots: int, canvas: int, hidden: int, dtype: torch.dtype, device: torch.device) -> CanvasState:
@@ -92,7 +139,8 @@ class CanvasState:
         return cls(canvas=torch.zeros(n, canvas, dtype=torch.long, device=device),
                    argmax=torch.zeros(n, canvas, dtype=torch.long, device=device),
                    soft=torch.zeros(n, canvas, hidden, dtype=dtype, device=device),
-                   run=torch.zeros(n, dtype=torch.long, device=device))
+                   run=torch.zeros(n, dtype=torch.long, device=device),
+                   accepted_lp=AcceptedLogprobs.empty((n, canvas), device))
 
     @property
     def pad_slot(self) -> int:
@@ -104,20 +152,38 @@ def _float_field(inp: torch.Tensor, field: int) -> torch.Tensor:
 
 
 def canvas_vocab_pass(model: DiffusionGemma, hidden: torch.Tensor, temp: torch.Tensor, u: torch.Tensor,
-                      greedy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                      greedy: torch.Tensor, filters: RowFilters | None = None, logprobs: bool = False
+                      ) -> tuple[torch.Tensor, ...]:
     """LM head, sampling, entropy and soft embeddings for one canvas ``hidden [C, H]``: two GEMMs against the
     tied embedding (logits and soft embeddings), everything else one pass over ``[C, V]``. Returns (sample,
-    argmax, entropy, soft ``[C, H]``)."""
-    scaled = model.logits(hidden) / temp  # [C, V] fp32
+    argmax, entropy, soft ``[C, H]``), with ``logprobs`` also the sample's and the argmax's log-probabilities
+    and the top ids and log-probabilities. ``filters``: sample and argmax from the filtered distribution (the
+    soft embeddings keep the unfiltered one, as the exact path does)."""
+    logits = model.logits(hidden)
+    scaled = logits / temp  # [C, V] fp32
     logp = torch.log_softmax(scaled, dim=-1)
     probs = logp.exp()
     entropy = -(probs * logp).sum(-1)
-    argmax = scaled.argmax(-1)
-    sample = torch.where(greedy, argmax, inverse_cdf_sample(probs, u))
+    sampled_logp, sampled_probs = logp, probs
+    if filters is not None:
+        filtered = filtered_logits(logits, temp, filters)
+        sampled_logp = torch.log_softmax(filtered, dim=-1)
+        sampled_probs = sampled_logp.exp()
+        if ACCEPTANCE_ENTROPY == "filtered":
+            entropy = -(sampled_probs * sampled_logp.clamp(min=torch.finfo(torch.float32).min)).sum(-1)
+        argmax = filtered.argmax(-1)
+    else:
+        argmax = scaled.argmax(-1)
+    sample = torch.where(greedy, argmax, inverse_cdf_sample(sampled_probs, u))
     if model.dtype != torch.float32:
         # the reference feeds the logits, cast to the embedding dtype, to the next step's softmax
         probs = torch.softmax(scaled.to(model.dtype), dim=-1, dtype=torch.float32)
-    return sample, argmax, entropy, model.soft_embeddings(probs)
+    out: tuple[torch.Tensor, ...] = (sample, argmax, entropy, model.soft_embeddings(probs))
+    if logprobs:
+        ids, values = top_logprobs(sampled_logp)
+        out += (sampled_logp.gather(1, sample[:, None]).squeeze(1), sampled_logp.gather(1, argmax[:, None]).squeeze(1),
+                ids, values)
+    return out
 
 
 def kernel_vocab_pass(model: DiffusionGemma, hidden: torch.Tensor, temp: torch.Tensor, u: torch.Tensor,
@@ -204,11 +270,29 @@ VocabPass = Callable[[DiffusionGemma, torch.Tensor, torch.Tensor, torch.Tensor, 
                      tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
+def step_filters(inp: torch.Tensor, layout: StepLayout, r: int) -> RowFilters:
+    """Row ``r``'s sampling filters from its input fields, one row per canvas position."""
+    c = layout.canvas
+    row = inp[r]
+    suppress_ids = row[layout.suppress_ids].long()
+    # an empty slot (-1) suppresses nothing: point it at the first real id (suppressing it twice changes nothing)
+    suppress_ids = torch.where(suppress_ids >= 0, suppress_ids, suppress_ids[0].clamp(min=0))
+    before = torch.where(suppress_ids[0] >= 0, row[F_SUPPRESS_BEFORE], torch.zeros_like(row[F_SUPPRESS_BEFORE]))
+    return RowFilters(
+        top_k=row[F_TOP_K].long().expand(c), top_p=row[F_TOP_P:F_TOP_P + 1].view(torch.float32).expand(c),
+        min_p=row[F_MIN_P:F_MIN_P + 1].view(torch.float32).expand(c),
+        bias_ids=row[layout.bias_ids].long().expand(c, -1),
+        bias_values=row[layout.bias_values].contiguous().view(torch.float32).expand(c, -1),
+        suppress=torch.arange(c, device=inp.device) < before, suppress_ids=suppress_ids)
+
+
 def fast_step(model: DiffusionGemma, algorithm: DenoisingAlgorithm, layout: StepLayout, inp: torch.Tensor,
               state: CanvasState, k_pages: list[torch.Tensor], v_pages: list[torch.Tensor],
-              scratch: dict[str, int], vocab_pass: VocabPass = canvas_vocab_pass) -> torch.Tensor:
-    """One step over the rows of ``inp [S, layout.width]`` (int32); returns ``[S, 2 + C]`` int32. ``vocab_pass``:
-    :func:`canvas_vocab_pass` (torch) or :func:`kernel_vocab_pass` (the fused Triton sampler)."""
+              scratch: dict[str, int], variant: StepVariant = PLAIN,
+              vocab_pass: VocabPass = canvas_vocab_pass) -> torch.Tensor:
+    """One step over the rows of ``inp [S, layout.width]`` (int32); returns ``[S, output_width(C, variant)]``
+    int32. ``vocab_pass``: :func:`canvas_vocab_pass` (torch) or :func:`kernel_vocab_pass` (the fused Triton
+    sampler); a step with filters or logprobs runs :func:`canvas_vocab_pass`, which has them."""
     c, vocab = layout.canvas, model.config.text.vocab_size
     x = step_inputs(model, layout, inp, state, scratch)
     seed_lo, seed_hi, canvas_index, cur_step, max_steps = x.seed_lo, x.seed_hi, x.canvas_index, x.cur_step, x.max_steps
@@ -221,15 +305,15 @@ def fast_step(model: DiffusionGemma, algorithm: DenoisingAlgorithm, layout: Step
     u = counter_rng.uniforms(counter_rng.stream_keys(seed_lo, seed_hi, canvas_index, step_index,
                                                      counter_rng.SAMPLE), c)
     greedy = inp[:, F_GREEDY] != 0
-    samples, argmaxes, entropies, softs = [], [], [], []
+    passes = []
     for r in range(hidden.shape[0]):
-        sample, argmax, entropy, soft_r = vocab_pass(model, hidden[r], temp[r], u[r], greedy[r])
-        samples.append(sample)
-        argmaxes.append(argmax)
-        entropies.append(entropy)
-        softs.append(soft_r)
-    sample, argmax, entropy = torch.stack(samples), torch.stack(argmaxes), torch.stack(entropies)  # [S, C]
-    new_soft = torch.stack(softs)  # [S, C, H]
+        if variant == PLAIN:
+            passes.append(vocab_pass(model, hidden[r], temp[r], u[r], greedy[r]))
+        else:
+            filters = step_filters(inp, layout, r) if variant.filters else None
+            passes.append(canvas_vocab_pass(model, hidden[r], temp[r], u[r], greedy[r], filters, variant.logprobs))
+    sample, argmax, entropy = (torch.stack([p[i] for p in passes]) for i in range(3))  # [S, C]
+    new_soft = torch.stack([p[3] for p in passes])  # [S, C, H]
 
     accepted = algorithm.accept(entropy, _float_field(inp, F_BOUND))
     renoise = counter_rng.randint(counter_rng.stream_keys(seed_lo, seed_hi, canvas_index, step_index,
@@ -245,4 +329,32 @@ def fast_step(model: DiffusionGemma, algorithm: DenoisingAlgorithm, layout: Step
     state.argmax.index_copy_(0, slot, torch.where(d2, argmax, previous))
     state.soft.index_copy_(0, slot, torch.where(d3, new_soft.to(state.soft.dtype), soft))
     state.run.index_copy_(0, slot, torch.where(denoise, run, state.run.index_select(0, slot)))
-    return torch.cat([finished[:, None].int(), accepted.sum(-1, keepdim=True).int(), argmax.int()], dim=1)
+    out = [finished[:, None].int(), accepted.sum(-1, keepdim=True).int(), argmax.int()]
+    if variant.logprobs:
+        out += _logprob_columns(state, slot, denoise, fresh, accepted, sample, argmax, passes)
+    return torch.cat(out, dim=1)
+
+
+def _logprob_columns(state: CanvasState, slot: torch.Tensor, denoise: torch.Tensor, fresh: torch.Tensor,
+                     accepted: torch.Tensor, sample: torch.Tensor, argmax: torch.Tensor,
+                     passes: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+    """Keep each position's log-probabilities from the step that accepted it; the output columns report them for
+    the argmax canvas (what a finished canvas commits)."""
+    lp_sample, lp_argmax, top_ids, top_lps = (torch.stack([p[i] for p in passes]) for i in range(4, 8))
+    kept = state.accepted_lp
+    stored = AcceptedLogprobs(*(t.index_select(0, slot) for t in (kept.token, kept.logprob, kept.top_ids,
+                                                                   kept.top_logprobs)))
+    # a fresh canvas forgets the previous canvas' positions
+    f2, f3 = fresh[:, None], fresh[:, None, None]
+    stored = AcceptedLogprobs(torch.where(f2, torch.full_like(stored.token, -1), stored.token), stored.logprob,
+                              torch.where(f3, torch.zeros_like(stored.top_ids), stored.top_ids), stored.top_logprobs)
+    new = stored.accept(accepted, sample, lp_sample, top_ids, top_lps)
+    d2, d3 = denoise[:, None], denoise[:, None, None]
+    kept.token.index_copy_(0, slot, torch.where(d2, new.token, stored.token))
+    kept.logprob.index_copy_(0, slot, torch.where(d2, new.logprob, stored.logprob))
+    kept.top_ids.index_copy_(0, slot, torch.where(d3, new.top_ids, stored.top_ids))
+    kept.top_logprobs.index_copy_(0, slot, torch.where(d3, new.top_logprobs, stored.top_logprobs))
+    lp, ids, values = new.report(argmax, lp_argmax, top_ids, top_lps)
+    s = lp.shape[0]
+    return [lp.contiguous().view(torch.int32), ids.int().reshape(s, -1),
+            values.contiguous().view(torch.int32).reshape(s, -1)]

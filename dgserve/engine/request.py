@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from dgserve.engine.grammar import JsonConstraint
 from dgserve.model.generation_config import GREEDY_SEED, SamplingParams
 from dgserve.model.image_processing import ProcessedImage
 
@@ -68,6 +69,11 @@ class GenerationRequest:
     # max_tokens is the server's default, not the client's: an engine whose KV cache cannot hold prompt +
     # max_tokens lowers it to what fits instead of refusing the request
     fit_max_tokens: bool = False
+    min_tokens: int = 0  # EOS and pad ids are not sampled before this many completion tokens; stop strings wait too
+    logprobs: int | None = None  # report each returned token's log-probability and this many alternatives (<= 20)
+    include_stop_str: bool = False  # a stop string that ends the text is part of it
+    skip_special_tokens: bool = True  # special tokens (other than EOS and pad ids) are left out of the text
+    constraint: JsonConstraint | None = None  # the output must be this JSON (constrained denoising)
 
     def __post_init__(self) -> None:
         if self.seed is None and self.sampling.greedy:
@@ -121,6 +127,11 @@ class CanvasEvent:
     rng_state: bytes | None = None  # sampler RNG state after this canvas (for failover)
     # of token_ids, those that are text (pad ids excluded; None: all of them): what the API's usage counts
     completion_tokens: int | None = None
+    # with GenerationRequest.logprobs: the text ids of token_ids (pad ids left out), each one's log-probability under
+    # the distribution of the denoising step that accepted it, and that step's most likely (id, log-probability) pairs
+    logprob_token_ids: list[int] | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
     def __post_init__(self) -> None:
         if self.completion_tokens is None:

@@ -24,6 +24,7 @@ from dgserve import kernels
 from dgserve.engine import fast_step as fs
 from dgserve.engine.denoising import EntropyBound
 from dgserve.engine.kv_pages import BlockTable, KVPagePool
+from dgserve.engine.sampling_filters import bias_table
 from dgserve.model.diffusion_gemma import DiffusionGemma
 from dgserve.model.generation_config import SamplingParams
 from dgserve.model.layers import TransformerLayer
@@ -51,6 +52,16 @@ class Row:
     greedy: bool = False
     seed: int = 0
     canvas_index: int = 0  # which canvas of the request (a stream of the counter-based randomness)
+    suppress_before: int = 0  # DENOISE: positions where EOS and pad are not sampled (min_tokens)
+    suppress_ids: tuple[int, ...] = ()  # the ids min_tokens suppresses
+    logprobs: bool = False  # DENOISE: report log-probabilities
+
+    @property
+    def variant(self) -> fs.StepVariant:
+        """What this row needs of the step's program."""
+        if self.kind != fs.DENOISE:
+            return fs.PLAIN
+        return fs.StepVariant(filters=self.sampling.filtered or self.suppress_before > 0, logprobs=self.logprobs)
 
 
 def _float_bits(*values: float) -> list[int]:
@@ -109,7 +120,7 @@ class FastRunner:
                 torch._dynamo.config.accumulated_recompile_limit, graphs)
             model.compiled_layer_rows = torch.compile(TransformerLayer.forward_rows, fullgraph=True, dynamic=False,
                                                       backend=compile_backend)
-        self._graphs: dict[tuple[int, int], _CapturedStep] = {}
+        self._graphs: dict[tuple[int, int, fs.StepVariant], _CapturedStep] = {}
         self.transfers_to_host = 0  # device-to-host copies (one per step)
         self.transfers_to_device = 0  # host-to-device copies (one per step)
         self.steps = 0
@@ -133,14 +144,17 @@ class FastRunner:
 
     # -- one step -----------------------------------------------------------------------------------
     def run(self, rows: Sequence[Row]) -> np.ndarray:
-        """Run one step; returns ``[len(rows), 2 + C]`` int32 (``fast_step``'s output rows, in order)."""
+        """Run one step; returns ``[len(rows), output_width]`` int32 (``fast_step``'s output rows, in order; the
+        variant's optional columns when some row asked for them, see ``fast_step.output_width``)."""
         assert rows, "a step needs at least one row"
         s = self.row_bucket(len(rows))
         layout = fs.StepLayout.build(self.model, self.block_size, self.context_bucket(rows))
+        variants = [r.variant for r in rows]
+        variant = fs.StepVariant(filters=any(v.filters for v in variants), logprobs=any(v.logprobs for v in variants))
         self.buckets_seen.add((s, layout.full_blocks))
         host = self._pack(rows, s, layout)
         if self.cuda_graphs:
-            out = self._graph(s, layout).replay(host)
+            out = self._graph(s, layout, variant).replay(host)
         else:
             inp = torch.from_numpy(host)
             if self.device.type != "cpu":
@@ -148,7 +162,7 @@ class FastRunner:
             self.transfers_to_device += 1
             with torch.inference_mode():
                 result = self.step_fn(self.model, self.algorithm, layout, inp, self.state, self.pool.k_flat,
-                                      self.pool.v_flat, self.scratch)
+                                      self.pool.v_flat, self.scratch, variant)
             out = result.cpu().numpy() if result.device.type != "cpu" else result.numpy()
         self.transfers_to_host += 1
         self.steps += 1
@@ -168,8 +182,16 @@ class FastRunner:
             h[:fs.F_T_MIN] = [r.slot, r.kind, r.length or self.canvas, r.prefix_len, int(r.fresh), r.cur_step,
                               p.max_denoising_steps, r.canvas_index, _int32(lo), _int32(hi), sliding_base,
                               p.stability_threshold if adaptive else -1, int(r.greedy)]
-            h[fs.F_T_MIN:fs.HEADER] = _float_bits(p.t_min, p.t_max - p.t_min, p.entropy_bound,
-                                                  p.confidence_threshold if adaptive else 0.0)
+            h[fs.F_T_MIN:fs.F_CONFIDENCE + 1] = _float_bits(p.t_min, p.t_max - p.t_min, p.entropy_bound,
+                                                            p.confidence_threshold if adaptive else 0.0)
+            h[fs.F_TOP_K] = p.top_k
+            h[fs.F_TOP_P:fs.F_MIN_P + 1] = _float_bits(p.top_p, p.min_p)
+            h[fs.F_SUPPRESS_BEFORE] = r.suppress_before
+            ids, values = bias_table(p)
+            h[layout.bias_ids] = ids
+            h[layout.bias_values] = _float_bits(*values)
+            assert len(r.suppress_ids) <= fs.SUPPRESS_SLOTS, "more EOS and pad ids than the step's fields hold"
+            h[layout.suppress_ids.start:layout.suppress_ids.start + len(r.suppress_ids)] = r.suppress_ids
             if r.kind == fs.PREFILL:
                 h[fs.HEADER:fs.HEADER + len(r.tokens)] = r.tokens
             full = r.table.full[:layout.full_blocks]
@@ -186,19 +208,22 @@ class FastRunner:
         pad = self.state.pad_slot
         for i in range(len(rows), s):
             host[i, :fs.F_T_MIN] = [pad, fs.PAD, self.canvas, 0, 0, 1, 1, 0, 0, 0, 0, -1, 0]
-            host[i, fs.F_T_MIN:fs.HEADER] = _float_bits(1.0, 0.0, 0.0, 0.0)
+            host[i, fs.F_T_MIN:fs.F_CONFIDENCE + 1] = _float_bits(1.0, 0.0, 0.0, 0.0)
+            host[i, fs.F_TOP_P] = _float_bits(1.0)[0]
+        host[:, layout.bias_ids] = np.where(host[:, layout.bias_ids] < 0, 0, host[:, layout.bias_ids])
+        host[len(rows):, layout.bias_values] = 0
         return host
 
-    def _graph(self, s: int, layout: fs.StepLayout) -> _CapturedStep:
-        key = (s, layout.full_blocks)
+    def _graph(self, s: int, layout: fs.StepLayout, variant: fs.StepVariant = fs.PLAIN) -> _CapturedStep:
+        key = (s, layout.full_blocks, variant)
         graph = self._graphs.get(key)
         if graph is None:
             started = time.perf_counter()
             padding = self._pack([], s, layout)
-            graph = _CapturedStep(self, layout, padding)
+            graph = _CapturedStep(self, layout, padding, variant)
             self._graphs[key] = graph
-            log.info("captured the fast step for %d rows, %d context blocks in %.2f s", s, layout.full_blocks,
-                     time.perf_counter() - started)
+            log.info("captured the fast step for %d rows, %d context blocks, %s in %.2f s", s, layout.full_blocks,
+                     variant, time.perf_counter() - started)
         return graph
 
     def capture(self, row_counts: Sequence[int] | None = None) -> float:
@@ -216,14 +241,16 @@ class _CapturedStep:
 
     pool: object = None  # the memory pool all captures share
 
-    def __init__(self, runner: FastRunner, layout: fs.StepLayout, padding: np.ndarray) -> None:
+    def __init__(self, runner: FastRunner, layout: fs.StepLayout, padding: np.ndarray,
+                 variant: fs.StepVariant = fs.PLAIN) -> None:
         self.host_in = torch.from_numpy(padding).pin_memory()
-        self.host_out = torch.empty((padding.shape[0], 2 + runner.canvas), dtype=torch.int32).pin_memory()
+        self.host_out = torch.empty((padding.shape[0], fs.output_width(runner.canvas, variant)),
+                                    dtype=torch.int32).pin_memory()
         self.static_in = self.host_in.to(runner.device)
 
         def step() -> torch.Tensor:
             return runner.step_fn(runner.model, runner.algorithm, layout, self.static_in, runner.state,
-                                  runner.pool.k_flat, runner.pool.v_flat, runner.scratch)
+                                  runner.pool.k_flat, runner.pool.v_flat, runner.scratch, variant)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

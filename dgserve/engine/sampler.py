@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from dgserve.engine.denoising import EntropyBound
+from dgserve.engine.sampling_filters import ACCEPTANCE_ENTROPY, RowFilters, filtered_logits, top_logprobs
 from dgserve.engine.sampling_noise import sample_with_noise
 from dgserve.model.diffusion_gemma import DiffusionGemma
 from dgserve.model.generation_config import SamplingParams
@@ -53,6 +54,8 @@ class StepOutput:
     entropy: torch.Tensor  # [C] fp32 per-token entropy of the temperature-scaled logits
     soft: torch.Tensor  # [C, H] self-conditioning input for the next step
     accepted: torch.Tensor  # [C] bool
+    sample: torch.Tensor | None = None  # [C] the denoiser's sample (kept where accepted)
+    logprobs: VocabPass | None = None  # with logprobs: the step's log-probabilities (VocabPass fields)
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -62,36 +65,71 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(norm.clamp(min=torch.finfo(norm.dtype).min) * probs).sum(-1)
 
 
+@dataclass
+class VocabPass:
+    sample: torch.Tensor  # [C] the denoiser's sample
+    argmax: torch.Tensor  # [C] argmax of the sampling distribution
+    entropy: torch.Tensor  # [C] the entropy acceptance and stopping read (sampling_filters.ACCEPTANCE_ENTROPY)
+    soft: torch.Tensor  # [C, H] self-conditioning input for the next step
+    # with logprobs: the sample's log-probability under the sampling distribution, and its top alternatives
+    logprob: torch.Tensor | None = None  # [C]
+    argmax_logprob: torch.Tensor | None = None  # [C] the argmax's log-probability
+    top_ids: torch.Tensor | None = None  # [C, TOP_LOGPROBS]
+    top_logprobs: torch.Tensor | None = None  # [C, TOP_LOGPROBS]
+
+
 def vocab_pass(model: DiffusionGemma, hidden: torch.Tensor, temp: float, gen: torch.Generator,
-               chunk_rows: int, noise: torch.Tensor | None = None, greedy: bool = False
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               chunk_rows: int, noise: torch.Tensor | None = None, greedy: bool = False,
+               filters: RowFilters | None = None, logprobs: bool = False) -> VocabPass:
     """LM head + sampling + entropy + soft embeddings for one canvas, ``chunk_rows`` rows at a time.
 
     ``noise``: the ``[C, V]`` Exp(1) draws ``torch.multinomial`` would take from ``gen`` for this canvas,
     drawn ahead of time (``dgserve.engine.sampling_noise``); None: multinomial draws them now.
     ``greedy``: the sample is the argmax and nothing is drawn from ``gen``.
-    Returns (denoiser sample [C], argmax [C], entropy [C], soft embeddings [C, H]).
+    ``filters``: the request's sampling filters (None: none, the reference's arithmetic unchanged); the sample and
+    the argmax come from the filtered distribution, the soft embeddings from the unfiltered one.
     """
-    samples, argmaxes, entropies, softs = [], [], [], []
+    samples, argmaxes, entropies, softs, lps, alps, tids, tlps = [], [], [], [], [], [], [], []
     for i in range(0, hidden.shape[0], chunk_rows):
-        processed = model.logits(hidden[i:i + chunk_rows]) / temp  # [c, V] fp32
-        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+        logits = model.logits(hidden[i:i + chunk_rows])
+        processed = logits / temp  # [c, V] fp32
+        sampled = processed
+        if filters is not None:
+            sampled = filtered_logits(logits, temp, filters.rows(i, i + chunk_rows))
+        del logits
+        probs = torch.softmax(sampled, dim=-1, dtype=torch.float32)
         sample_probs = probs if probs.device == gen.device else probs.to(gen.device)
         if greedy:
-            sample = processed.argmax(dim=-1)
+            sample = sampled.argmax(dim=-1)
         elif noise is not None:
             sample = sample_with_noise(sample_probs, noise[i:i + chunk_rows])
         else:
             sample = torch.multinomial(sample_probs, 1, generator=gen).squeeze(-1)
-        samples.append(sample.to(hidden.device))
-        argmaxes.append(processed.argmax(dim=-1))
-        entropies.append(token_entropy(processed))
+        sample = sample.to(hidden.device)
+        samples.append(sample)
+        argmax = sampled.argmax(dim=-1)
+        argmaxes.append(argmax)
+        entropies.append(token_entropy(sampled if ACCEPTANCE_ENTROPY == "filtered" else processed))
+        if logprobs:
+            logp = torch.log_softmax(sampled, dim=-1)
+            lps.append(logp.gather(1, sample[:, None]).squeeze(1))
+            alps.append(logp.gather(1, argmax[:, None]).squeeze(1))
+            ids, values = top_logprobs(logp)
+            tids.append(ids)
+            tlps.append(values)
+            del logp
+        if filters is not None:
+            probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
         if model.dtype != torch.float32:
             # the reference feeds the logits, cast to the embedding dtype, to the next step's softmax
             probs = torch.softmax(processed.to(model.dtype), dim=-1, dtype=torch.float32)
         softs.append(model.soft_embeddings(probs))
-        del processed, probs, sample_probs
-    return torch.cat(samples), torch.cat(argmaxes), torch.cat(entropies), torch.cat(softs)
+        del processed, probs, sample_probs, sampled, argmax
+    out = VocabPass(torch.cat(samples), torch.cat(argmaxes), torch.cat(entropies), torch.cat(softs))
+    if logprobs:
+        out.logprob, out.argmax_logprob = torch.cat(lps), torch.cat(alps)
+        out.top_ids, out.top_logprobs = torch.cat(tids), torch.cat(tlps)
+    return out
 
 
 def accept_and_renoise(canvas: torch.Tensor, sample: torch.Tensor, entropy: torch.Tensor, entropy_bound: float,
@@ -106,13 +144,17 @@ def accept_and_renoise(canvas: torch.Tensor, sample: torch.Tensor, entropy: torc
 
 def denoise_step(model: DiffusionGemma, hidden: torch.Tensor, canvas: torch.Tensor, cur_step: int,
                  params: SamplingParams, gen: torch.Generator, chunk_rows: int | None = None,
-                 noise: torch.Tensor | None = None) -> StepOutput:
+                 noise: torch.Tensor | None = None, filters: RowFilters | None = None,
+                 logprobs: bool = False) -> StepOutput:
     chunk_rows = chunk_rows or default_chunk_rows(model.config.text.vocab_size)
-    sample, argmax, entropy, soft = vocab_pass(model, hidden, temperature(cur_step, params), gen, chunk_rows,
-                                               noise, params.greedy)
-    new_canvas, accepted = accept_and_renoise(canvas, sample, entropy, params.entropy_bound,
+    if filters is None and params.filtered:  # the request's filters (the engine passes min_tokens' suppression too)
+        filters = RowFilters.for_canvas(params, hidden.shape[0], 0, (), hidden.device)
+    vp = vocab_pass(model, hidden, temperature(cur_step, params), gen, chunk_rows, noise, params.greedy, filters,
+                    logprobs)
+    new_canvas, accepted = accept_and_renoise(canvas, vp.sample, vp.entropy, params.entropy_bound,
                                               model.config.text.vocab_size, gen)
-    return StepOutput(canvas=new_canvas, argmax=argmax, entropy=entropy, soft=soft, accepted=accepted)
+    return StepOutput(canvas=new_canvas, argmax=vp.argmax, entropy=vp.entropy, soft=vp.soft, accepted=accepted,
+                      sample=vp.sample, logprobs=vp if logprobs else None)
 
 
 class StabilityTracker:

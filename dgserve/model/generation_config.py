@@ -5,6 +5,10 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 GREEDY_SEED = 0  # the renoising seed of a greedy request that gives none
+# top_k is at most this, and top_p's nucleus is taken among this many most likely tokens of each position (a fixed
+# candidate set keeps the fast path's step free of data-dependent shapes; both execution modes use the same rule)
+TOP_CANDIDATES = 1024
+MAX_LOGIT_BIAS = 64  # logit_bias entries per request (fixed-size per-row fields in the fast path's step input)
 
 
 class SamplingParams(BaseModel):
@@ -23,6 +27,18 @@ class SamplingParams(BaseModel):
     # usual), and rejected positions are still renoised with random tokens; an unseeded greedy request uses
     # GREEDY_SEED for those draws, so its output is deterministic.
     greedy: bool = False
+    # Sampling filters, applied to each denoising step's distribution before it is sampled (and argmaxed):
+    # logit_bias is added to the logits, then temperature, then top_k, top_p (over the top_k tokens, renormalised),
+    # min_p (relative to the most likely token). Neutral values leave the sampler bit-identical to the reference.
+    top_k: int = Field(0, ge=0, le=TOP_CANDIDATES)  # 0: off
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    logit_bias: dict[int, float] | None = Field(None, max_length=MAX_LOGIT_BIAS)
+
+    @property
+    def filtered(self) -> bool:
+        """Any filter is on (the step then takes the filtered path)."""
+        return bool(self.top_k or self.top_p < 1.0 or self.min_p > 0.0 or self.logit_bias)
 
     @model_validator(mode="after")
     def _check(self) -> SamplingParams:

@@ -164,6 +164,23 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
+    def vocabulary(self) -> dict[str, int]:
+        """Token text (as the tokenizer's model spells it, e.g. byte-level ``Ġthe``) -> id, added tokens included."""
+        return self._backend.get_vocab(with_added_tokens=True)
+
+    def special_ids(self) -> set[int]:
+        """Ids of the special added tokens (``<pad>``, ``<eos>``, turn and tool markers...)."""
+        return {i for i, t in self._backend.get_added_tokens_decoder().items() if t.special}
+
+    def decoder_kind(self) -> str:
+        """How token text maps to bytes: ``byte_level`` (GPT-2 style), ``byte_fallback`` (SentencePiece with
+        ``<0xXX>`` tokens, as Gemma's) or ``raw``."""
+        spec = json.loads(self._backend.to_str()).get("decoder") or {}
+        kinds = {d.get("type") for d in spec.get("decoders", [spec])}
+        if "ByteLevel" in kinds:
+            return "byte_level"
+        return "byte_fallback" if "ByteFallback" in kinds else "raw"
+
     def id_to_token(self, token_id: int) -> str | None:
         return self._backend.id_to_token(token_id)
 
@@ -190,8 +207,11 @@ class Tokenizer:
 
     # -- chat
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` (``{"role": ..., "content": ...}`` dicts) with the checkpoint's template."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, template_kwargs: Mapping[str, Any] | None = None) -> str:
+        """Render ``messages`` (``{"role": ..., "content": ...}`` dicts) with the checkpoint's template; ``tools``
+        (OpenAI function definitions) and ``template_kwargs`` (extra template variables, e.g. ``enable_thinking``)
+        are passed to it as transformers passes them."""
         if self._compiled_template is None:
             raise TokenizerError(
                 f"{self._source}: the checkpoint has no chat template (neither {CHAT_TEMPLATE_FILE} nor "
@@ -210,8 +230,9 @@ class Tokenizer:
         try:
             return self._compiled_template.render(
                 **self._special_tokens,
+                **{str(k): _plain(v) for k, v in (template_kwargs or {}).items()},
                 messages=chat,
-                tools=None,
+                tools=_plain(tools) if tools else None,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
             )
@@ -220,9 +241,11 @@ class Tokenizer:
         except Exception as e:  # a template is a program: any failure means it cannot take these messages
             raise TokenizerError(f"{self._source}: the chat template failed on these messages: {e!r}") from e
 
-    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+                    template_kwargs: Mapping[str, Any] | None = None) -> list[int]:
         """Render the chat template and tokenize it; the template emits BOS, so none is added here."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=False)
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools, template_kwargs),
+                           add_bos=False)
 
 
 class IncrementalDecoder:

@@ -26,6 +26,7 @@ from dgserve.model.vision_checkpoint import VisionMode
 from dgserve.routing.images import ImageURL
 from dgserve.routing.ingress_app import OverloadedError
 from dgserve.routing.prompts import InvalidPromptError, PromptEncoder
+from dgserve.routing.tool_calls import template_supports_tools
 
 
 class EngineClient(Protocol):
@@ -98,12 +99,23 @@ class EngineChatBackend:
     async def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
         return self._prompts.encode(prompt)
 
-    async def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        return self._prompts.encode_chat(messages)
+    @property
+    def supports_tools(self) -> bool:
+        """The checkpoint's chat template has a tool format (declarations, calls, results)."""
+        return template_supports_tools(self._meta.tokenizer.chat_template)
 
-    async def tokenize_chat_with_images(self, messages: list[dict[str, Any]], images: list[ImageURL]
+    async def tokenize_chat(self, messages: list[dict[str, Any]], **options: Any) -> list[int]:
+        return self._prompts.encode_chat(messages, **options)
+
+    async def tokenize_chat_with_images(self, messages: list[dict[str, Any]], images: list[ImageURL], **options: Any
                                         ) -> tuple[list[int], tuple[PromptImage, ...]]:
-        return await self._prompts.encode_chat_with_images(messages, images)
+        return await self._prompts.encode_chat_with_images(messages, images, **options)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self._prompts.decode(ids)
+
+    def token_text(self, token_id: int) -> str:
+        return self._prompts.token_text(token_id)
 
     async def ready(self) -> bool:
         return await self.client.ready()

@@ -13,6 +13,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any, Protocol, TypeVar
 
@@ -26,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dgserve.config import IngressSettings
 from dgserve.engine.request import CanvasEvent, Event, FinalEvent, GenerationRequest, PromptImage, SamplingParams
+from dgserve.routing.choices import ChoiceState, ChoiceUpdate, merged
 from dgserve.routing.disconnects import QuietDisconnects
 from dgserve.routing.errors import OpenAIHTTPError, describe_validation_errors, error_response, install_error_handlers
 from dgserve.routing.images import ImageURL
@@ -40,9 +42,11 @@ from dgserve.routing.openai_protocol import (
     DraftChunk,
     ErrorResponse,
     FinishReason,
+    FunctionCallDelta,
     ModelCard,
     ModelList,
     PromptTokensDetails,
+    ToolCallDelta,
     Usage,
 )
 from dgserve.routing.prompts import InvalidPromptError
@@ -55,6 +59,8 @@ from dgserve.routing.sse import (
     sse_data,
     stream_response_doc,
 )
+from dgserve.routing.structured import OutputPlan, plan_output
+from dgserve.routing.tool_calls import ToolFormatError, template_messages
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,12 +91,15 @@ class ChatBackend(Protocol):
     async def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
         """Prompt token ids for /v1/completions (text encoded, ids checked); ValueError for bad input."""
 
-    async def tokenize_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    async def tokenize_chat(self, messages: list[dict[str, Any]], **options: Any) -> list[int]:
         """``[{"role", "content"}]`` rendered by the checkpoint's chat template, generation prompt appended,
-        then encoded; ValueError for a conversation the template rejects."""
+        then encoded; ValueError for a conversation the template rejects. ``options`` (only when a request sets
+        them): ``tools``, ``add_generation_prompt``, ``template_kwargs``. A backend may also offer
+        ``supports_tools``, ``detokenize(ids)`` and ``token_text(id)`` (tool calls, echo of token-id prompts,
+        logprobs)."""
 
-    async def tokenize_chat_with_images(self, messages: list[dict[str, Any]], images: list[ImageURL]
-                                        ) -> tuple[list[int], tuple[PromptImage, ...]]:
+    async def tokenize_chat_with_images(self, messages: list[dict[str, Any]], images: list[ImageURL],
+                                        **options: Any) -> tuple[list[int], tuple[PromptImage, ...]]:
         """As ``tokenize_chat``, for messages holding one ``{"type": "image"}`` part per entry of ``images``: the
         images loaded and preprocessed, each placeholder expanded; ValueError for bad images or a text-only
         deployment."""
@@ -202,14 +211,30 @@ class _OpenAIRoutes:
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
-        prompt_ids = await _tokenized(self.backend.tokenize_prompt(body.prompt_input), "prompt")
+        prompts = []
+        for prompt in body.prompt_inputs:
+            ids = await _tokenized(self.backend.tokenize_prompt(prompt), "prompt")
+            echo = "" if not body.echo else prompt if isinstance(prompt, str) else self._text(ids)
+            prompts.append((ids, echo))
         reply = CompletionReply(id=f"cmpl-{uuid.uuid4().hex}", model=self.backend.model_id,
-                                include_usage=body.include_usage)
-        return await self._serve(request, body, prompt_ids, reply, "prompt")
+                                include_usage=body.include_usage, continuous_usage=body.continuous_usage)
+        return await self._serve(request, body, prompts, reply, "prompt", OutputPlan())
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         self._check_model(body.model)
-        messages = [m.for_template() for m in body.messages]
+        plan = plan_output(body, bool(getattr(self.backend, "supports_tools", False)))
+        try:
+            messages = template_messages(body.messages) if plan.template_tools is not None or any(
+                m.tool_calls or m.role == "tool" for m in body.messages) else [m.for_template() for m in body.messages]
+        except ToolFormatError as exc:
+            raise OpenAIHTTPError(400, str(exc), param="messages", code="invalid_prompt") from None
+        options: dict[str, Any] = {}
+        if plan.template_tools:
+            options["tools"] = plan.template_tools
+        if not body.add_generation_prompt:
+            options["add_generation_prompt"] = False
+        if body.chat_template_kwargs:
+            options["template_kwargs"] = body.chat_template_kwargs
         images: tuple[PromptImage, ...] = ()
         if urls := [ImageURL(url, where) for url, where in body.image_urls()]:
             with_images = getattr(self.backend, "tokenize_chat_with_images", None)
@@ -217,13 +242,13 @@ class _OpenAIRoutes:
                 raise OpenAIHTTPError(400, "content parts of type 'image_url' are not supported by this server: it "
                                       "serves text only", param="messages", code="invalid_prompt")
             # fetching and decoding images can take a while: stop if the client goes away
-            prompt_ids, images = await _guarded(request, _tokenized(with_images(messages, urls), "messages"),
-                                                None, None)
+            prompt_ids, images = await _guarded(request, _tokenized(with_images(messages, urls, **options),
+                                                                    "messages"), None, None)
         else:
-            prompt_ids = await _tokenized(self.backend.tokenize_chat(messages), "messages")
+            prompt_ids = await _tokenized(self.backend.tokenize_chat(messages, **options), "messages")
         reply = ChatReply(id=f"chatcmpl-{uuid.uuid4().hex}", model=self.backend.model_id,
-                          include_usage=body.include_usage)
-        return await self._serve(request, body, prompt_ids, reply, "messages", images)
+                          include_usage=body.include_usage, continuous_usage=body.continuous_usage)
+        return await self._serve(request, body, [(prompt_ids, "")], reply, "messages", plan, images)
 
     async def list_models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.backend.model_id, created=self.started)])
@@ -250,34 +275,65 @@ class _OpenAIRoutes:
             raise OpenAIHTTPError(404, f"The model '{model}' does not exist; this server serves "
                                   f"'{self.backend.model_id}'.", param="model", code="model_not_found")
 
+    def _text(self, ids: list[int]) -> str:
+        detokenize = getattr(self.backend, "detokenize", None)
+        return detokenize(ids) if detokenize is not None else ""
+
+    def _token_text(self) -> Callable[[int], str]:
+        token_text = getattr(self.backend, "token_text", None)
+        return token_text if token_text is not None else str
+
     async def _serve(self, request: Request, body: CompletionRequest | ChatCompletionRequest,
-                     prompt_ids: list[int], reply: Reply, prompt_param: str,
+                     prompts: list[tuple[list[int], str]], reply: Reply, prompt_param: str, plan: OutputPlan,
                      images: tuple[PromptImage, ...] = ()) -> Response:
+        """Generate every choice (each prompt of the batch, ``n`` samples each) and answer with all of them."""
         timeout = self.settings.request_timeout_s
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
-        generation = GenerationRequest(
-            prompt_ids=prompt_ids, max_tokens=self._max_tokens(body, len(prompt_ids), prompt_param),
-            seed=body.seed, sampling=self._sampling(body), stop=body.stop_strings, ignore_eos=body.ignore_eos,
-            draft_every=(body.draft_every or self.settings.default_draft_every) if body.stream_drafts else 0,
-            request_id=reply.id, fit_max_tokens=body.requested_max_tokens is None, images=images)
-        usage = partial(_usage, len(prompt_ids))
-        events = self.backend.generate(generation)
-
-        if not body.stream:
-            try:
-                text, n_tokens, final = await _guarded(request, _collect(events), deadline, timeout)
-            finally:
-                await _aclose(events)
-            result = reply.response(text, _finish_reason(final), usage(n_tokens, final))
-            return JSONResponse(result.model_dump())
-
+        sampling = self._sampling(body)
+        top = _top_logprobs(body)
+        if body.stream_drafts and len(prompts) * body.n > 1:
+            raise OpenAIHTTPError(400, "stream_drafts needs a single choice (one prompt, n = 1): drafts carry no "
+                                  "choice index", param="stream_drafts")
+        specs: list[tuple[GenerationRequest, ChoiceState]] = []
+        for p, (ids, echo) in enumerate(prompts):
+            max_tokens = self._max_tokens(body, len(ids), prompt_param)
+            if body.min_tokens > max_tokens:
+                raise OpenAIHTTPError(400, f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens})",
+                                      param="min_tokens")
+            # ignore_eos asks, as in vLLM, for max_tokens tokens of output: pad ids are not output here (they are
+            # neither text nor counted), so neither EOS nor padding is sampled
+            min_tokens = max_tokens if body.ignore_eos else body.min_tokens
+            for j in range(body.n):
+                index = p * body.n + j
+                specs.append((GenerationRequest(
+                    prompt_ids=ids, max_tokens=max_tokens, seed=_choice_seed(body.seed, j), sampling=sampling,
+                    stop=body.stop_strings, ignore_eos=body.ignore_eos,
+                    draft_every=(body.draft_every or self.settings.default_draft_every) if body.stream_drafts else 0,
+                    request_id=reply.id if len(prompts) * body.n == 1 else f"{reply.id}-{index}",
+                    fit_max_tokens=body.requested_max_tokens is None, images=images, min_tokens=min_tokens,
+                    logprobs=top, include_stop_str=body.include_stop_str_in_output,
+                    skip_special_tokens=body.skip_special_tokens and not plan.keep_special_tokens,
+                    constraint=plan.constraint),
+                    ChoiceState(index, plan.tool_mode, plan.tool_name, top, self._token_text(), echo)))
+        usage = _UsageCount(sum(len(ids) for ids, _ in prompts), [s for _, s in specs], body.n)
+        streams: list[AsyncIterator[Event]] = []
         try:
-            first = await _guarded(request, _next_event(events, None), deadline, timeout)
+            for generation, _ in specs:
+                streams.append(self.backend.generate(generation))
+            if not body.stream:
+                finals = await _guarded(request, _collect_all(streams, [s for _, s in specs]), deadline, timeout)
+                results = []
+                for (_, state), final in zip(specs, finals, strict=True):
+                    _, reason = state.finish(final, _finish_reason(final))
+                    results.append(state.result(reason))
+                return JSONResponse(reply.response(results, usage.total(finals)).model_dump())
+            firsts = await _guarded(request, _firsts(streams), deadline, timeout)
         except BaseException:
-            await _aclose(events)
+            await _aclose_all(streams)
             raise
-        lines = _sse(reply, first, events, deadline, timeout, drafts=body.stream_drafts, usage=usage)
-        return EventStreamResponse(lines, on_close=partial(_aclose, events))
+        lines = _sse(reply, [s for _, s in specs], streams, firsts, deadline, timeout, drafts=body.stream_drafts,
+                     usage=usage)
+        return EventStreamResponse(lines, on_close=partial(_aclose_all, streams))
 
     def _max_tokens(self, body: CompletionRequest | ChatCompletionRequest, n_prompt: int, param: str) -> int:
         limit = self.backend.max_context
@@ -307,6 +363,14 @@ class _OpenAIRoutes:
     def _sampling(self, body: CompletionRequest | ChatCompletionRequest) -> SamplingParams:
         base = self.backend.sampling_defaults
         update: dict[str, Any] = {k: v for k in _SAMPLER_FIELDS if (v := getattr(body, k)) is not None}
+        if body.top_k is not None and body.top_k > 0:
+            update["top_k"] = body.top_k
+        if body.top_p is not None and body.top_p < 1.0:
+            update |= {"top_k": 1} if body.top_p == 0 else {"top_p": body.top_p}
+        if body.min_p:
+            update["min_p"] = body.min_p
+        if body.token_bias:
+            update["logit_bias"] = body.token_bias
         if body.temperature == 0:  # greedy denoising; acceptance keeps the checkpoint's schedule
             update["greedy"] = True
         elif body.temperature is not None:  # temperature scales the checkpoint's t_max -> t_min schedule
@@ -332,10 +396,42 @@ async def _tokenized(ids: Awaitable[T], param: str) -> T:
     return prompt
 
 
-def _usage(prompt_tokens: int, completion_tokens: int, final: FinalEvent) -> Usage:
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=final.stats.cached_prompt_tokens))
+def _top_logprobs(body: CompletionRequest | ChatCompletionRequest) -> int | None:
+    """How many alternatives per token to report (None: no logprobs)."""
+    if isinstance(body, CompletionRequest):
+        return body.logprobs
+    if body.top_logprobs is not None and not body.logprobs:
+        raise OpenAIHTTPError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    return (body.top_logprobs or 0) if body.logprobs else None
+
+
+def _choice_seed(seed: int | None, sample: int) -> int | None:
+    """The seed of sample ``sample`` of ``n``: the request's own for the first, distinct derived ones for the others,
+    so a seeded request with ``n`` > 1 is reproducible and its first choice is the ``n = 1`` answer."""
+    if seed is None or sample == 0:
+        return seed
+    mixed = (seed * 0x9E3779B97F4A7C15 + sample * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    return (mixed ^ (mixed >> 31)) & ((1 << 63) - 1)
+
+
+@dataclass
+class _UsageCount:
+    """Usage of all choices: the prompts once each, the completions of every choice."""
+
+    prompt_tokens: int
+    states: list[ChoiceState]
+    n: int
+
+    def so_far(self) -> Usage:
+        done = sum(s.completion_tokens for s in self.states)
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=done, total_tokens=self.prompt_tokens + done)
+
+    def total(self, finals: list[FinalEvent | None]) -> Usage:
+        usage = self.so_far()
+        # each prompt's cache hit once (its first sample's)
+        cached = sum(f.stats.cached_prompt_tokens for f in finals[::self.n] if f is not None)
+        usage.prompt_tokens_details = PromptTokensDetails(cached_tokens=cached)
+        return usage
 
 
 def _finish_reason(final: FinalEvent) -> FinishReason:
@@ -361,38 +457,53 @@ async def _next_event(events: AsyncIterator[Event], deadline: float | None) -> E
         raise RuntimeError("the backend's event stream ended without a FinalEvent") from None
 
 
-async def _collect(events: AsyncIterator[Event]) -> tuple[str, int, FinalEvent]:
-    """Committed text, its token count, and the final event of a non-streaming request."""
-    parts: list[str] = []
-    n_tokens = 0
+async def _collect(events: AsyncIterator[Event], state: ChoiceState) -> FinalEvent:
+    """One choice of a non-streaming request, up to its final event."""
     while not isinstance(event := await _next_event(events, None), FinalEvent):
         if isinstance(event, CanvasEvent):  # drafts are for streams only
-            parts.append(event.text)
-            n_tokens += event.completion_tokens or 0
-    return "".join(parts), n_tokens, event
+            state.canvas(event)
+    return event
 
 
-async def _sse(reply: Reply, first: Event, events: AsyncIterator[Event], deadline: float | None,
-               timeout: float | None, *, drafts: bool, usage: Callable[[int, FinalEvent], Usage]
+async def _collect_all(streams: list[AsyncIterator[Event]], states: list[ChoiceState]) -> list[FinalEvent]:
+    return list(await asyncio.gather(*(_collect(e, s) for e, s in zip(streams, states, strict=True))))
+
+
+async def _firsts(streams: list[AsyncIterator[Event]]) -> list[Event]:
+    """Each stream's first event: refusals (429, 400) come before any byte of the answer is sent."""
+    return list(await asyncio.gather(*(_next_event(e, None) for e in streams)))
+
+
+async def _sse(reply: Reply, states: list[ChoiceState], streams: list[AsyncIterator[Event]], firsts: list[Event],
+               deadline: float | None, timeout: float | None, *, drafts: bool, usage: _UsageCount
                ) -> AsyncIterator[str]:
-    """The SSE lines of one stream. Failures after the stream started become an error event, never a silent
-    truncation; [DONE] always ends it."""
-    for line in reply.opening():
-        yield line
-    event, canvases, n_tokens = first, 0, 0
+    """The SSE lines of one stream, every choice's chunks as its canvases commit. Failures after the stream started
+    become an error event, never a silent truncation; [DONE] always ends it."""
+    for state in states:
+        for line in reply.opening(state.index, usage.so_far()):
+            yield line
+        if state.echo:
+            yield reply.content(state.index, state.echo, usage=usage.so_far())
+    canvases = [0] * len(states)
+    finals: list[FinalEvent | None] = [None] * len(states)
     try:
-        while not isinstance(event, FinalEvent):
-            if isinstance(event, CanvasEvent):
-                canvases += 1
-                n_tokens += event.completion_tokens or 0
-                if event.text:
-                    yield reply.content(event.text)
-            elif drafts:
-                yield reply.draft(event, canvases)
-            event = await _next_event(events, deadline)
-        yield reply.finish(_finish_reason(event))
+        async with asyncio.timeout_at(deadline):
+            async for i, event in merged(streams, firsts):
+                state = states[i]
+                if isinstance(event, CanvasEvent):
+                    canvases[i] += 1
+                    for line in _choice_lines(reply, state, state.canvas(event), usage):
+                        yield line
+                elif isinstance(event, FinalEvent):
+                    finals[i] = event
+                    update, reason = state.finish(event, _finish_reason(event))
+                    for line in _choice_lines(reply, state, update, usage):
+                        yield line
+                    yield reply.finish(state.index, reason, usage.so_far())
+                elif drafts:
+                    yield reply.draft(event, canvases[i])
         if reply.include_usage:
-            yield reply.usage(usage(n_tokens, event))
+            yield reply.usage(usage.total(finals))
     except OpenAIHTTPError as exc:
         yield sse_data(exc.body)
     except TimeoutError:
@@ -401,6 +512,30 @@ async def _sse(reply: Reply, first: Event, events: AsyncIterator[Event], deadlin
         logger.exception("stream %s failed", reply.id)
         yield sse_data(OpenAIHTTPError(500, "Internal error while streaming.", code="internal_error").body)
     yield DONE
+
+
+def _choice_lines(reply: Reply, state: ChoiceState, update: ChoiceUpdate, usage: _UsageCount) -> list[str]:
+    """The chunks of what a committed canvas (or a choice's end) added: content, then tool-call deltas."""
+    lines = []
+    so_far = usage.so_far()
+    if update.content or update.logprobs:
+        offset = len(state.echo) + len(state.text) - len(update.content)
+        lines.append(reply.content(state.index, update.content, update.logprobs, offset, so_far))
+    if isinstance(reply, ChatReply):
+        deltas = []
+        if update.call_started is not None:
+            call = update.call_started
+            deltas.append(ToolCallDelta(index=0, id=call.id, type="function",
+                                        function=FunctionCallDelta(name=call.function.name, arguments="")))
+        if update.arguments:
+            deltas.append(ToolCallDelta(index=0, function=FunctionCallDelta(arguments=update.arguments)))
+        first = len(state.calls) - len(update.calls)
+        for k, call in enumerate(update.calls):
+            deltas.append(ToolCallDelta(index=first + k, id=call.id, type="function", function=FunctionCallDelta(
+                name=call.function.name, arguments=call.function.arguments)))
+        if deltas:
+            lines.append(reply.tool_calls(state.index, deltas, so_far))
+    return lines
 
 
 async def _guarded(request: Request, work: Coroutine[Any, Any, T], deadline: float | None,
@@ -442,6 +577,11 @@ async def _aclose(events: AsyncIterator[Event]) -> None:
             logger.exception("closing a backend event stream failed")
 
 
+async def _aclose_all(streams: list[AsyncIterator[Event]]) -> None:
+    for events in streams:
+        await _aclose(events)
+
+
 def _bearer_check(authorize: Authorizer) -> Callable[..., Awaitable[None]]:
     async def check(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
         if not await authorize(credentials.credentials if credentials else None):
@@ -478,8 +618,14 @@ block of tokens) at a time, each canvas denoised in several steps.
 * **Streaming** sends one chunk per committed canvas, in OpenAI's chunk format, ending with `data: [DONE]`;
   `stream_options.include_usage` adds a final chunk with empty `choices` and the `usage`.
 * **Diffusion parameters** (dgserve extensions, optional): `entropy_bound`, `max_denoising_steps`, `t_max`,
-  `t_min`, `ignore_eos`; `seed` makes output reproducible. `temperature` scales the t_max -> t_min schedule;
-  `top_p` < 1, penalties, `n` > 1, logprobs and tools are rejected with a 400.
+  `t_min`, `ignore_eos`; `seed` makes output reproducible. `temperature` scales the t_max -> t_min schedule.
+* **Sampling filters** (`top_p`, `top_k`, `min_p`, `logit_bias`) apply to every denoising step's distribution;
+  penalties are accepted at their neutral value only (a canvas is sampled in parallel).
+* **Choices**: a list of prompts on /v1/completions and `n` give indexed choices (streamed with their indices).
+* **logprobs**: each returned token's log-probability under the distribution of the denoising step that accepted
+  it (the last step that kept that token at its position), with that step's top alternatives.
+* **Tools** in the checkpoint's chat format (DiffusionGemma: Gemma 4's), parsed back into `tool_calls`; a forced
+  `tool_choice` and `response_format` JSON are enforced by constrained denoising (a grammar masks each position).
 * **Images** (a model with a vision tower): chat `image_url` parts with `data:image/png|jpeg|webp;base64,...`
   URLs; http(s) URLs only from hosts the operator allows (off by default). Bad images, or more images, pixels
   or bytes than the server's limits, are a 400 naming the part.

@@ -1,8 +1,9 @@
 """OpenAI-compatible request and response models for the dgserve ingress.
 
 Requests are strict: unknown fields are a 400, a short allow-list of harmless OpenAI fields is accepted and
-ignored, and OpenAI features dgserve does not have (n > 1, logprobs, tools, audio...) fail with a 400 that
-says so. dgserve's diffusion extensions are ordinary optional fields, documented in the OpenAPI schema.
+ignored, vLLM's extension fields are accepted with vLLM's meaning (or, where a canvas sampler gives them none, only
+at their neutral value), and features dgserve does not have (audio, penalties...) fail with a 400 that says why.
+dgserve's diffusion extensions are ordinary optional fields, documented in the OpenAPI schema.
 """
 
 from __future__ import annotations
@@ -19,11 +20,17 @@ from pydantic import (
     ValidationInfo,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 _STRICT = ConfigDict(strict=True, extra="forbid")
 IGNORED = "Accepted for OpenAI compatibility and ignored."
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+MAX_N = 128  # choices per request (OpenAI's limit); each is a request of its own to the engine
+TOP_CANDIDATES = 1024  # dgserve.model.generation_config.TOP_CANDIDATES (the routing layer sits above it)
+MAX_LOGIT_BIAS = 64  # dgserve.model.generation_config.MAX_LOGIT_BIAS
+_CANVAS_PENALTY = ("a canvas of tokens is sampled in parallel, so a penalty on tokens generated so far could only "
+                   "see earlier canvases, not the tokens being denoised beside each other; dgserve accepts only ")
 
 
 def _require(ok: Callable[[Any], bool], message: str) -> AfterValidator:
@@ -63,6 +70,9 @@ class StreamOptions(BaseModel):
     include_usage: bool | None = Field(
         None, description="Send one extra chunk before `data: [DONE]` with empty `choices` and the `usage`; "
         "every other chunk then carries `usage: null`.")
+    continuous_usage_stats: bool | None = Field(
+        None, description="vLLM extension: every chunk carries the `usage` so far (prompt tokens, and the "
+        "completion tokens of the canvases committed up to that chunk).")
     include_obfuscation: bool | None = Field(None, description=IGNORED)
 
 
@@ -82,14 +92,18 @@ class _GenerationFields(BaseModel):
         "every step takes the argmax instead of a sample (positions are still accepted by the entropy bound "
         "at the checkpoint's schedule, and the rest renoised with random tokens drawn from `seed`, 0 when "
         "unset), so the output is deterministic. Cannot be combined with explicit `t_max`/`t_min`."))
-    top_p: Annotated[
-        float | None,
-        _require(lambda v: v is None or v == 1.0, "top_p < 1 is not supported: the entropy-bound sampler "
-                 "samples from the full distribution; use `temperature` or `entropy_bound` instead"),
-    ] = Field(None, ge=0.0, le=1.0, description="Only 1.0 (or unset) is accepted: the diffusion sampler has "
-              "no nucleus truncation.")
-    n: Annotated[int | None, _require(lambda v: v in (None, 1), "n > 1 is not supported: send n requests")] = (
-        Field(None, ge=1, description="Only 1 is supported."))
+    top_p: float | None = Field(
+        None, ge=0.0, le=1.0, description="Nucleus sampling, applied to every denoising step's distribution: each "
+        "position samples among the most likely tokens whose probabilities sum to top_p (taken among its "
+        f"{TOP_CANDIDATES} most likely tokens; 0 keeps only the most likely one). 1 (the default) is off.")
+    top_k: int | None = Field(
+        None, ge=-1, description=f"vLLM extension: sample each position among its top_k most likely tokens (at most "
+        f"{TOP_CANDIDATES}); 0 or -1 (the default) is off. 1 equals greedy denoising at every step.")
+    min_p: float | None = Field(
+        None, ge=0.0, le=1.0, description="vLLM extension: drop tokens less likely than min_p times the most likely "
+        "token of the position, at every denoising step. 0 (the default) is off.")
+    n: int = Field(1, ge=1, le=MAX_N, description="How many choices to generate (each a sample of its own, with a "
+                   "seed derived from `seed` when given, so a seeded request stays reproducible); usage sums them.")
     stream: bool = Field(False, description="Stream Server-Sent Events (see the text/event-stream response).")
     stream_options: StreamOptions | None = Field(None, description="Only allowed with `stream: true`.")
     stop: Annotated[
@@ -103,12 +117,29 @@ class _GenerationFields(BaseModel):
     metadata: dict[str, str] | None = Field(None, description=IGNORED)
     store: bool | None = Field(None, description=IGNORED + " Nothing is stored.")
     service_tier: str | None = Field(None, description=IGNORED)
-    presence_penalty: Annotated[float | None, _require(lambda v: not v, "presence_penalty is not supported")] = (
-        Field(None, description="Only 0 (or unset) is accepted."))
-    frequency_penalty: Annotated[float | None, _require(lambda v: not v, "frequency_penalty is not supported")] = (
-        Field(None, description="Only 0 (or unset) is accepted."))
-    logit_bias: Annotated[dict[str, float] | None, _unsupported("logit_bias")] = Field(
-        None, description="Only empty (or unset) is accepted.")
+    presence_penalty: Annotated[float | None, _require(lambda v: not v, "presence_penalty is not supported: "
+                                                         + _CANVAS_PENALTY + "0")] = Field(
+        None, ge=-2.0, le=2.0, description="Only 0 (or unset) is accepted: a canvas is sampled in parallel.")
+    frequency_penalty: Annotated[float | None, _require(lambda v: not v, "frequency_penalty is not supported: "
+                                                          + _CANVAS_PENALTY + "0")] = Field(
+        None, ge=-2.0, le=2.0, description="Only 0 (or unset) is accepted: a canvas is sampled in parallel.")
+    repetition_penalty: Annotated[float | None, _require(lambda v: v in (None, 1.0), "repetition_penalty is not "
+                                                           "supported: " + _CANVAS_PENALTY + "1.0")] = Field(
+        None, gt=0.0, description="vLLM extension; only 1.0 (or unset) is accepted: a canvas is sampled in parallel.")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, max_length=MAX_LOGIT_BIAS, description="Token id (as a string) -> bias in [-100, 100] added to that "
+        "token's logit at every denoising step, before temperature (-100 removes the token). At most "
+        f"{MAX_LOGIT_BIAS} entries.")
+    min_tokens: int = Field(0, ge=0, description="vLLM extension: EOS and padding are not sampled, and stop strings "
+                            "do not end the text, before this many completion tokens.")
+    skip_special_tokens: bool = Field(True, description="vLLM extension: leave special tokens out of the text (pad "
+                                      "ids and EOS never reach it).")
+    include_stop_str_in_output: bool = Field(False, description="vLLM extension: a stop string that ends the text is "
+                                             "kept at its end.")
+    reasoning_effort: Annotated[str | None, _require(lambda v: v in (None, "none"), "reasoning_effort is not "
+                                                      "supported: DiffusionGemma's canvases have no reasoning budget "
+                                                      "dgserve controls; leave it unset or 'none'")] = Field(
+        None, description="Only 'none' (or unset) is accepted.")
 
     # dgserve extensions: the diffusion sampler (defaults from the checkpoint's generation_config.json)
     entropy_bound: float | None = Field(
@@ -122,8 +153,9 @@ class _GenerationFields(BaseModel):
     t_min: float | None = Field(
         None, ge=0.0, description="dgserve extension. Sampling temperature of the last denoising step "
         "(must be below t_max).")
-    ignore_eos: bool = Field(False, description="dgserve extension. Keep generating past end-of-sequence "
-                             "(benchmarks).")
+    ignore_eos: bool = Field(False, description="dgserve and vLLM extension (benchmarks): generate max_tokens "
+                             "tokens of output: generation goes on past end-of-sequence, and neither EOS nor "
+                             "padding is sampled (a canvas' padding is not output).")
     stream_drafts: bool = Field(
         False, description="dgserve extension, needs `stream: true`. Also stream provisional snapshots of the "
         "canvas being denoised as `event: draft` SSE events (see the text/event-stream response). Drafts are "
@@ -131,6 +163,22 @@ class _GenerationFields(BaseModel):
     draft_every: int | None = Field(
         None, ge=1, le=1024, description="dgserve extension, needs `stream_drafts: true`. Send a draft every "
         "this many denoising steps (server default if unset).")
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_range(cls, v: int | None) -> int | None:
+        if v is not None and v > TOP_CANDIDATES:
+            raise ValueError(f"top_k is {v}; dgserve samples among at most the {TOP_CANDIDATES} most likely tokens of "
+                             "a position: use a top_k of at most that, or 0 to turn it off")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or {}:
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids written as strings; {key!r} is not one")
+        return v
 
     @field_validator("stream_options")
     @classmethod
@@ -166,6 +214,14 @@ class _GenerationFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    @property
+    def token_bias(self) -> dict[int, float] | None:
+        return {int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None
+
+    @property
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
@@ -176,33 +232,50 @@ class _GenerationFields(BaseModel):
         return self.max_tokens
 
 
-def _one_prompt(v: str | list[str] | list[int]) -> str | list[str] | list[int]:
-    if isinstance(v, list):
-        if not v:
-            raise ValueError("prompt must not be an empty list")
-        if isinstance(v[0], str) and len(v) > 1:
-            raise ValueError(f"batched prompts ({len(v)} strings) are not supported: send one request per prompt")
+def _prompt_list(v: Any) -> Any:
+    if isinstance(v, list) and not v:
+        raise ValueError("prompt must not be an empty list")
+    if isinstance(v, list) and any(isinstance(p, list) and not p for p in v):
+        raise ValueError("a prompt of the list is an empty list of token ids")
     return v
+
+
+TokenIds = list[Annotated[int, Field(ge=0)]]
 
 
 class CompletionRequest(_GenerationFields):
     """POST /v1/completions."""
 
-    prompt: Annotated[Text | list[Text] | list[Annotated[int, Field(ge=0)]], AfterValidator(_one_prompt)] = Field(
-        description="A string, a list holding one string, or a list of token ids.")
-    echo: Annotated[bool | None, _unsupported("echo")] = Field(None, description="Only false is accepted.")
+    prompt: Annotated[Text | list[Text] | TokenIds | list[TokenIds], AfterValidator(_prompt_list)] = Field(
+        description="A string, a list of token ids, or a list of either (a batch: one choice per prompt, times n, "
+        "with index = prompt index x n + sample).")
+    echo: bool = Field(False, description="Put the prompt's text before each choice's text.")
     suffix: Annotated[str | None, _unsupported("suffix (insertion)")] = Field(None, description="Not supported.")
-    best_of: Annotated[int | None, _require(lambda v: v in (None, 1), "best_of > 1 is not supported")] = Field(
-        None, description="Only 1 is supported.")
-    logprobs: Annotated[int | None, _require(lambda v: v is None, "logprobs are not supported by dgserve")] = (
-        Field(None, description="Not supported: leave unset."))
+    best_of: Annotated[int | None, _require(lambda v: v in (None, 1), "best_of > 1 is not supported: send n "
+                                            "and pick among the choices")] = Field(None, description="Only 1.")
+    logprobs: int | None = Field(
+        None, ge=0, le=20, description="Return each generated token's log-probability under the distribution of the "
+        "denoising step that accepted it (see the API description), and this many most likely alternatives of "
+        "that step.")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_prompt_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and info.data.get("echo"):
+            raise ValueError("logprobs with echo would need the prompt tokens' log-probabilities, which a "
+                             "block-diffusion model does not define (its encoder writes the KV cache, it predicts "
+                             "nothing): send echo or logprobs, not both")
+        return v
 
     @property
-    def prompt_input(self) -> str | list[int]:
-        """The prompt as text or token ids (a one-string list unwrapped)."""
-        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
-            return str(self.prompt[0])
-        return self.prompt  # type: ignore[return-value]
+    def prompt_inputs(self) -> list[str | list[int]]:
+        """The prompts of the batch, in order."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(t, int) for t in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return [x if isinstance(x, str) else list(x) for x in p]  # type: ignore[union-attr]
 
 
 def _text_and_image_parts(v: Any) -> Any:
@@ -210,12 +283,6 @@ def _text_and_image_parts(v: Any) -> Any:
         raise ValueError(f"content parts of type {v.get('type')!r} are not supported: send text parts "
                          "({\"type\": \"text\", \"text\": ...}) and image_url parts ({\"type\": \"image_url\", "
                          "\"image_url\": {\"url\": \"data:image/png;base64,...\"}})")
-    return v
-
-
-def _no_tool_roles(v: Any) -> Any:
-    if v in ("tool", "function"):
-        raise ValueError(f"{v!r} messages are not supported: dgserve has no tool calling")
     return v
 
 
@@ -242,23 +309,49 @@ class ImagePart(BaseModel):
     image_url: ImageURLField
 
 
+class FunctionCall(BaseModel):
+    model_config = _STRICT
+
+    name: str = Field(min_length=1)
+    arguments: str = Field(description="The arguments as a JSON object, in a string (as OpenAI sends them).")
+
+
+class ToolCall(BaseModel):
+    model_config = _STRICT
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = _STRICT
 
-    role: Annotated[Literal["system", "developer", "user", "assistant"], BeforeValidator(_no_tool_roles)] = Field(
-        description="`developer` is treated as `system`.")
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="`developer` is treated as `system`; `tool` carries the result of an assistant's tool call "
+        "(`tool_call_id` names it).")
     content: Text | list[Annotated[TextPart | ImagePart, Field(discriminator="type"),
-                                  BeforeValidator(_text_and_image_parts)]] = Field(
-        description="A string or a list of text parts (joined with newlines) and image_url parts (on a model "
+                                  BeforeValidator(_text_and_image_parts)]] | None = Field(
+        None, description="A string or a list of text parts (joined with newlines) and image_url parts (on a model "
         "with a vision tower; the server's limits on images per request, pixels and bytes apply). Audio and "
-        "file parts are a 400.")
+        "file parts are a 400. May be null only on an assistant message with tool_calls.")
     name: str | None = Field(None, description=IGNORED)
     refusal: str | None = Field(None, description=IGNORED)
-    tool_calls: Annotated[list[dict[str, Any]] | None, _unsupported("tool_calls")] = Field(
-        None, description="Only empty (or unset) is accepted.")
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant message's calls of the request's tools.")
+    tool_call_id: str | None = Field(None, description="A tool message's: the id of the call it answers.")
+
+    @model_validator(mode="after")
+    def _tool_messages_name_their_call(self) -> ChatMessage:
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.role != "tool" and self.tool_call_id is not None:
+            raise ValueError(f"tool_call_id belongs on tool messages, not {self.role!r} ones")
+        return self
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "\n".join(p.text for p in self.content if isinstance(p, TextPart))
@@ -266,13 +359,13 @@ class ChatMessage(BaseModel):
     @property
     def image_parts(self) -> list[tuple[int, ImagePart]]:
         """(index in content, part) of each image part."""
-        if isinstance(self.content, str):
+        if not isinstance(self.content, list):
             return []
         return [(j, p) for j, p in enumerate(self.content) if isinstance(p, ImagePart)]
 
     def for_template(self) -> dict[str, Any]:
         """The message as the chat template sees it: text joined into a string; with images, a list of text parts
-        and one ``{"type": "image"}`` part per image, in order."""
+        and one ``{"type": "image"}`` part per image, in order. (Tool calls and tool results: ``tool_calls``.)"""
         role = "system" if self.role == "developer" else self.role
         if not self.image_parts:
             return {"role": role, "content": self.text}
@@ -281,27 +374,91 @@ class ChatMessage(BaseModel):
         return {"role": role, "content": parts}
 
 
+class FunctionDefinition(BaseModel):
+    model_config = _STRICT
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON schema of the arguments (an object).")
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = _STRICT
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = _STRICT
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = _STRICT
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = _STRICT
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_\-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="The JSON schema the output follows.")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = _STRICT
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema {name, schema}")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"json_schema belongs to response_format type json_schema, not {self.type!r}")
+        return self
+
+
 class ChatCompletionRequest(_GenerationFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation, rendered with the "
                                         "checkpoint's chat template.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Same as max_tokens (OpenAI's newer name).")
-    logprobs: Annotated[bool | None, _unsupported("logprobs")] = Field(None, description="Only false is accepted.")
-    top_logprobs: Annotated[int | None, _unsupported("top_logprobs")] = Field(None, description="Not supported.")
-    tools: Annotated[list[dict[str, Any]] | None, _unsupported("tools (function calling)")] = Field(
-        None, description="Only empty (or unset) is accepted.")
-    tool_choice: Annotated[
-        str | dict[str, Any] | None, _require(lambda v: v in (None, "none"), "tool_choice is not supported")
-    ] = Field(None, description='Only "none" (or unset) is accepted.')
+    logprobs: bool = Field(False, description="Return each generated token's log-probability under the distribution "
+                           "of the denoising step that accepted it (see the API description).")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: this many most likely "
+                                     "alternatives of that step per token.")
+    tools: list[Tool] | None = Field(None, description="Functions the model may call, rendered into the prompt by the "
+                                     "checkpoint's chat template (DiffusionGemma: Gemma 4's tool format); its calls "
+                                     "come back as `tool_calls`.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description='"auto" (the default with tools): the model chooses; "none": no calls; "required" or a '
+        "named function: the output is a call, generated under the function's parameters schema (constrained "
+        "denoising, see response_format).")
     parallel_tool_calls: bool | None = Field(None, description=IGNORED)
-    functions: Annotated[list[dict[str, Any]] | None, _unsupported("functions")] = Field(
-        None, description="Not supported.")
+    functions: Annotated[list[dict[str, Any]] | None, _unsupported("functions (deprecated; send tools)")] = Field(
+        None, description="Not supported: send tools.")
     function_call: Annotated[str | dict[str, Any] | None, _require(
-        lambda v: v in (None, "none"), "function_call is not supported")] = Field(None, description="Not supported.")
-    response_format: Annotated[dict[str, Any] | None, _require(
-        lambda v: v is None or v == {"type": "text"}, "only response_format {\"type\": \"text\"} is supported"
-    )] = Field(None, description='Only {"type": "text"} is accepted (no JSON mode).')
+        lambda v: v in (None, "none"), "function_call is not supported (deprecated; send tool_choice)")] = Field(
+        None, description="Not supported: send tool_choice.")
+    response_format: ResponseFormat | None = Field(
+        None, description='{"type": "json_object"} or {"type": "json_schema", "json_schema": {"name", "schema"}}: '
+        "the output is JSON (valid for the schema), through constrained denoising: each position is sampled "
+        "among the tokens the grammar allows after the tokens before it, and a step accepts only a contiguous "
+        "left-to-right run of confident positions. Schema keywords dgserve cannot enforce are a 400.")
+    add_generation_prompt: bool = Field(True, description="vLLM extension: end the rendered chat with the model "
+                                        "turn's opening.")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="vLLM extension: extra variables for the chat template (e.g. enable_thinking).")
     modalities: Annotated[list[str] | None, _require(
         lambda v: v is None or set(v) <= {"text"}, "only the text modality is supported")] = Field(
         None, description='Only ["text"] is accepted.')
@@ -310,6 +467,38 @@ class ChatCompletionRequest(_GenerationFields):
         None, description="Not supported.")
     prompt_cache_key: str | None = Field(None, description=IGNORED + " (dgserve caches prompt prefixes itself.)")
     safety_identifier: str | None = Field(None, description=IGNORED)
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _no_reserved_template_variables(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        reserved = {"messages", "tools", "documents", "add_generation_prompt"} & set(v or {})
+        if reserved:
+            raise ValueError(f"chat_template_kwargs cannot set {sorted(reserved)}: send them as request fields")
+        return v
+
+    @field_validator("messages")
+    @classmethod
+    def _tool_messages_follow_calls(cls, v: list[ChatMessage]) -> list[ChatMessage]:
+        calls: set[str] = set()
+        for i, m in enumerate(v):
+            if m.content is None and not (m.role == "assistant" and m.tool_calls):
+                raise ValueError(f"messages[{i}]: content may be null only on an assistant message with tool_calls")
+            if m.tool_calls and m.role != "assistant":
+                raise ValueError(f"messages[{i}]: only assistant messages have tool_calls")
+            calls |= {c.id for c in m.tool_calls or []}
+            if m.role == "tool" and m.tool_call_id not in calls:
+                raise ValueError(f"messages[{i}]: tool_call_id {m.tool_call_id!r} names no earlier assistant tool call")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_names_a_tool(cls, v: Any, info: ValidationInfo) -> Any:
+        tools = info.data.get("tools") or []
+        if v in ("required",) and not tools:
+            raise ValueError('tool_choice "required" needs tools')
+        if isinstance(v, NamedToolChoice) and v.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"tool_choice names {v.function.name!r}, which is not among the request's tools")
+        return v
 
     @field_validator("max_completion_tokens")
     @classmethod
@@ -348,11 +537,21 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions shape: per generated token its text, log-probability, top alternatives and
+    character offset in the choice's text."""
+
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -373,19 +572,45 @@ class CompletionChunk(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = Field(None, description="Only with stream_options.include_usage: null on every chunk "
-                                "but the last, which has empty choices.")
+                                "but the last, which has empty choices (with continuous_usage_stats: the usage so "
+                                "far on every chunk).")
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float = Field(description="Under the distribution of the denoising step that accepted the token.")
+    bytes: list[int] | None = None
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None = None
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _no_empty_tool_calls(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        if out.get("tool_calls") is None:
+            out.pop("tool_calls", None)
+        return out
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -397,21 +622,34 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
-    @model_serializer
-    def _set_fields_only(self) -> dict[str, str]:
+    @model_serializer(mode="wrap")
+    def _set_fields_only(self, handler: Any) -> dict[str, Any]:
         # OpenAI sends {"role": ..., "content": ""} first, then {"content": ...}, then {} with the finish_reason.
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     finish_reason: FinishReason | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -423,7 +661,8 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = Field(None, description="Only with stream_options.include_usage: null on every chunk "
-                                "but the last, which has empty choices.")
+                                "but the last, which has empty choices (with continuous_usage_stats: the usage so "
+                                "far on every chunk).")
 
 
 class Draft(BaseModel):

@@ -68,13 +68,21 @@ class PromptEncoder:
             return self.check_ids(list(prompt))
         return self.check_ids(self._tokenizer.encode(prompt))
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], **options: Any) -> list[int]:
+        """``options``: ``tools``, ``add_generation_prompt``, ``template_kwargs`` (``Tokenizer.encode_chat``)."""
         try:
-            return self.check_ids(self._tokenizer.encode_chat(messages))
+            return self.check_ids(self._tokenizer.encode_chat(messages, **options))
         except TokenizerError as exc:
             raise InvalidPromptError(str(exc)) from exc
 
-    async def encode_chat_with_images(self, messages: list[dict[str, Any]], urls: Sequence[ImageURL]
+    def decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids)
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text, special tokens included (what logprobs name a token by)."""
+        return self._tokenizer.decode([token_id], skip_special_tokens=False)
+
+    async def encode_chat_with_images(self, messages: list[dict[str, Any]], urls: Sequence[ImageURL], **options: Any
                                       ) -> tuple[list[int], tuple[PromptImage, ...]]:
         """``messages`` with one ``{"type": "image"}`` part per entry of ``urls`` (in order), rendered by the
         chat template; each image placeholder expanded to the image's soft-token run."""
@@ -86,7 +94,7 @@ class PromptEncoder:
                 "messages")
         try:
             images = await load_images(urls, self._image_settings, self._processor)
-            ids = self._tokenizer.encode_chat(messages)
+            ids = self._tokenizer.encode_chat(messages, **options)
             ids, placed = expand_placeholders(ids, images, self._config)
         except (ImageInputError, TokenizerError) as exc:
             raise InvalidPromptError(str(exc), "messages") from exc

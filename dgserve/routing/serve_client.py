@@ -61,7 +61,7 @@ class ServeEngineClient:
                                           max_tokens=request.max_tokens - (len(committed)
                                                                            - len(request.committed_ids)))
             try:
-                async for ev in self._handle.remote(attempt):
+                async for ev in self._call(attempt):
                     if isinstance(ev, FinalEvent):
                         if ev.finish_reason == "error" and ev.retryable:
                             # the replica's side failed (its expert-parallel group broke): not this request's fault
@@ -97,6 +97,23 @@ class ServeEngineClient:
                 if isinstance(cause, InvalidRequest | EngineOverloaded):
                     raise cause from exc
                 raise
+
+
+    def _call(self, attempt: GenerationRequest):
+        """The handle call of one attempt, under an internal request id of its own. A call made while serving a
+        request inherits that request's internal id, and Serve's router keys the requests it is routing by it: two
+        calls for one API request at once (its choices: a batch of prompts, n > 1) would collide, and the second
+        would never be routed. The public request id stays, so the logs still tie them to the API request."""
+        from ray.serve import context
+        from ray.serve._private.utils import generate_request_id
+
+        current = context._get_serve_request_context()
+        token = context._serve_request_context.set(
+            dataclasses.replace(current, _internal_request_id=generate_request_id()))
+        try:
+            return self._handle.remote(attempt)
+        finally:
+            context._serve_request_context.reset(token)
 
 
 class _RetryableFailure(Exception):
