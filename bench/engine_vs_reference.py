@@ -61,8 +61,10 @@ from bench.workload import (  # noqa: E402
 from dgserve.model.config import PRESETS, human_params  # noqa: E402
 from dgserve.model.generation_config import SamplingParams  # noqa: E402
 
-GOAL_BATCH1 = 2.0
+GOAL_BATCH1 = 2.0  # the engine issue's goals (exact mode)
 GOAL_STAGGERED = 3.0
+# fast mode's goals (issue 15): >= 1.5x at batch 1 (exact parity caps a CPU engine near 1.5x), >= 3x staggered
+GOALS_BATCH1 = {"dgserve": GOAL_BATCH1, "dgserve-fast": 1.5}
 
 
 class _CanvasClock:
@@ -250,14 +252,15 @@ def run(a: argparse.Namespace) -> None:
             bench.progress(f"(a) {side}: {runs[side][-1]['tokens_per_s']} tok/s")
         results["a"] = {"prompt_len": a.prompt_len, "max_tokens": a.max_tokens, "reps": a.reps_a, "runs": runs}
         for side in engines:
-            best, ratio = _record(results["a"], runs, side, GOAL_BATCH1)
+            goal = GOALS_BATCH1[side]
+            best, ratio = _record(results["a"], runs, side, goal)
             if side == "dgserve":  # exact mode: the same random stream as the reference
                 agree = [sum(x == y for x, y in zip(tokens[r, "reference"], tokens[r, side], strict=True))
                          / a.max_tokens for r in range(a.reps_a)]
                 results["a"].update({"identical_tokens": all(x == 1.0 for x in agree),
                                      "token_agreement": [round(x, 4) for x in agree]})
             rows.append([f"(a) batch 1, {side}", f"{a.prompt_len} / {a.max_tokens}", best["reference"], best[side],
-                         f"{ratio:.2f}x", f">= {GOAL_BATCH1:g}x", "met" if ratio >= GOAL_BATCH1 else "not met"])
+                         f"{ratio:.2f}x", f">= {goal:g}x", "met" if ratio >= goal else "not met"])
 
     if "b" in a.parts:
         runs = {side: [] for side in sides}

@@ -115,7 +115,7 @@ def host_ms_per_step(canvases: int, steps: int = 30) -> float:
     engine = Engine(tiny.model, tiny.generation, None, EngineConfig(
         execution="fast", kv_cache_memory=64 << 20, max_running=canvases, max_step_tokens=canvases * c + 512))
 
-    def stub(model, algorithm, layout, inp, state, k_pages, v_pages, scratch, variant=None):
+    def stub(model, algorithm, layout, inp, state, k_pages, v_pages, scratch, variant=None, **_):
         return torch.zeros(inp.shape[0], 2 + c, dtype=torch.int32)
 
     engine.runner.step_fn = stub

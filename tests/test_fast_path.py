@@ -251,3 +251,101 @@ def test_execution_flag_reaches_generate_run_and_batch(capsys):
         module.add_parser(sub)
     assert parser.parse_args(["run", "--execution", "fast"]).execution == "fast"
     assert parser.parse_args(["batch", "--input", "a", "--output", "b", "--execution", "exact"]).execution == "exact"
+
+
+def _mixed_rows(pool: KVPagePool, c: int, kinds: tuple[int, ...]) -> list[Row]:
+    """One row per kind, each its own slot and table: commits and denoised canvases after an 8-token prefix
+    (its KV whatever the pool holds), prefills of 5 tokens at position 0; fresh canvases (state-independent)."""
+    rows = []
+    for slot, kind in enumerate(kinds):
+        table = pool.new_table()
+        assert pool.ensure_capacity(table, 8 + c)
+        if kind == fs.PREFILL:
+            rows.append(Row(kind, slot, 0, table, 5, [7, 8, 9, 10, 11 + slot]))
+            continue
+        table.mark_written(8)
+        rows.append(Row(kind, slot, 8, table, c, fresh=True, cur_step=SAMPLING.max_denoising_steps,
+                        sampling=SAMPLING, seed=40 + slot))
+    return rows
+
+
+def test_only_denoised_rows_run_the_sampler(tiny):
+    """In a step mixing commits, prefills and denoised canvases, the tied embedding is read by the token lookup
+    and two GEMMs per denoised canvas only (not per row), and the denoised rows' outputs are bit-identical to a
+    step whose sampler ran over every row."""
+    from bench.op_log import OpLog
+
+    model, c = tiny.model, tiny.config.canvas_length
+    pool = KVPagePool.from_budget(tiny.config, 16 << 20, block_size=4, dtype=model.dtype, max_seqs=8,
+                                  scratch_tokens=c)
+    rows = _mixed_rows(pool, c, (fs.COMMIT, fs.DENOISE, fs.PREFILL, fs.DENOISE))
+    runner = FastRunner(model, pool, num_slots=8)
+    assert runner.vocab_chunk >= 2  # tiny's vocabulary: several canvases per pass
+    log = OpLog()
+    with log:
+        runner.run(rows)
+    assert log.uses[id(model.embed_tokens.weight)] == 1 + 2  # one pass over both denoised canvases
+    runner.vocab_chunk = 1  # one canvas per pass, as the published model runs: the same GEMM shapes below
+    log = OpLog()
+    with log:
+        got = runner.run(rows)
+    assert log.uses[id(model.embed_tokens.weight)] == 1 + 2 * 2
+    every = FastRunner(model, pool, num_slots=8)
+    every.vocab_chunk = 1
+    every.step_fn = lambda *a, vocab_rows=None, **k: fs.fast_step(*a, **k)  # the sampler over all rows
+    want = every.run(rows)
+    assert got.shape == want.shape == (4, 2 + c)
+    for i in (1, 3):
+        assert (got[i] == want[i]).all()
+
+
+def test_sampler_pass_over_several_canvases_equals_one_canvas_at_a_time(tiny):
+    """The plain torch sampler over three canvases at once (per-row temperatures, uniforms and greedy switches)
+    gives each canvas what a pass over it alone gives: entropies and soft embeddings within 1e-5 (the GEMM
+    shapes differ, so BLAS may round differently), the same argmax and samples but for a rounding-boundary
+    flip."""
+    model, c = tiny.model, tiny.config.canvas_length
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, c, tiny.config.text.hidden_size, generator=g)
+    temp = torch.tensor([0.4, 0.7, 1.0])
+    u = torch.rand(3, c, generator=g)
+    greedy = torch.tensor([False, True, False])
+    with torch.inference_mode():
+        joint = fs.canvas_vocab_pass(model, hidden.reshape(3 * c, -1), temp[:, None].expand(3, c).reshape(-1, 1),
+                                     u.reshape(-1), greedy[:, None].expand(3, c).reshape(-1))
+        alone = [fs.canvas_vocab_pass(model, hidden[i], temp[i], u[i], greedy[i]) for i in range(3)]
+    for k in range(2):  # sample, argmax
+        want = torch.stack([a[k] for a in alone]).reshape(-1)
+        assert (joint[k] == want).float().mean() >= 0.99
+    torch.testing.assert_close(joint[2], torch.stack([a[2] for a in alone]).reshape(-1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(joint[3], torch.cat([a[3] for a in alone]), rtol=0, atol=1e-5)
+    assert (joint[0].reshape(3, c)[1] == joint[1].reshape(3, c)[1]).all()  # the greedy canvas takes its argmax
+    assert fs.vocab_chunk(256, 262_144) == 1 and fs.vocab_chunk(64, 32_768) == 8
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_runner_puts_denoised_rows_first_and_returns_rows_in_order(tiny, static):
+    """The device program sees the denoised rows first (the sampler runs over a leading count of them: exactly
+    theirs when eager, their row bucket under static shapes, with the step padded to its bucket), and the
+    runner hands the output rows back in the engine's order."""
+    model, c = tiny.model, tiny.config.canvas_length
+    pool = KVPagePool.from_budget(tiny.config, 16 << 20, block_size=4, dtype=model.dtype, max_seqs=8,
+                                  scratch_tokens=c)
+    kinds = (fs.PREFILL, fs.DENOISE, fs.COMMIT, fs.DENOISE, fs.DENOISE)
+    rows = _mixed_rows(pool, c, kinds)
+    runner = FastRunner(model, pool, num_slots=8)
+    runner.compiled = static  # bucketed shapes, as compiled layers need (the layers themselves stay eager here)
+    seen = {}
+
+    def stub(model, algorithm, layout, inp, state, k_pages, v_pages, scratch, variant, vocab_rows, **_):
+        seen.update(kinds=inp[:, fs.F_KIND].tolist(), vocab_rows=vocab_rows)
+        return inp[:, :fs.HEADER].clone()  # echo each row's header
+
+    runner.step_fn = stub
+    out = runner.run(rows)
+    if static:
+        assert seen == {"kinds": [fs.DENOISE] * 3 + [fs.PREFILL, fs.COMMIT] + [fs.PAD] * 3, "vocab_rows": 4}
+    else:
+        assert seen == {"kinds": [fs.DENOISE] * 3 + [fs.PREFILL, fs.COMMIT], "vocab_rows": 3}
+    assert out[:, fs.F_SLOT].tolist() == [r.slot for r in rows]
+    assert out[:, fs.F_KIND].tolist() == list(kinds)

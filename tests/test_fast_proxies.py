@@ -113,8 +113,8 @@ def _rope(model: DiffusionGemma, positions: torch.Tensor, kind: str) -> tuple[to
 
 def test_compiled_engine_makes_one_graph_per_layer_type_and_bucket():
     """50 engine steps with requests arriving and leaving (row counts and context lengths vary) with the layers
-    compiled (``fullgraph=True, dynamic=False``): every compilation is a new (layer type, step bucket), none is a
-    recompilation of one already seen."""
+    and the sampler pass compiled (``fullgraph=True, dynamic=False``): every compilation is a new (layer type,
+    step bucket) or canvases-per-pass count, none is a recompilation of one already seen."""
     graphs: list[tuple] = []
 
     def counting_backend(gm, example_inputs):
@@ -148,4 +148,7 @@ def test_compiled_engine_makes_one_graph_per_layer_type_and_bucket():
     buckets = engine.runner.buckets_seen
     assert len({rows for rows, _ in buckets}) >= 3 and len(buckets) >= 4, buckets
     assert len(graphs) == len(set(graphs)), "a layer type recompiled for a shape it had already compiled"
-    assert len(graphs) <= layer_types * len(buckets), (len(graphs), buckets)
+    # the plain sampler pass: one graph per canvases-per-pass count
+    chunk = engine.runner.vocab_chunk
+    passes = {min(chunk, v - i) for v in engine.runner.vocab_rows_seen for i in range(0, v, chunk)}
+    assert len(graphs) <= layer_types * len(buckets) + len(passes), (len(graphs), buckets, passes)

@@ -64,11 +64,12 @@ def schedule_temperature(cur_step: torch.Tensor, max_steps: torch.Tensor, t_min:
     return t_min + t_delta * (cur_step.float() / max_steps.float())
 
 
-def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor, block: int = 1024) -> torch.Tensor:
+def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor, block: int = 1024,
+                       argmax: torch.Tensor | None = None) -> torch.Tensor:
     """One draw per row of ``probs [R, V]`` from uniforms ``u [R]``: the first index whose cumulative
     probability exceeds ``u * total``. Two levels (block sums, then one block) keep the fp32 cumulative sums
     short and accurate; static shapes, no host synchronisation. A zero-probability pick (possible only at a
-    rounding boundary) falls back to the row's argmax."""
+    rounding boundary) falls back to the row's argmax (``argmax`` if the caller has it, else computed)."""
     rows, vocab = probs.shape
     block = min(block, vocab)
     pad = (-vocab) % block
@@ -83,4 +84,4 @@ def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor, block: int = 1024) 
     w = torch.searchsorted(within, target - before, right=True).clamp(max=block - 1)
     pick = (b * block + w).squeeze(-1).clamp(max=vocab - 1)
     ok = probs.gather(1, pick.unsqueeze(-1)).squeeze(-1) > 0
-    return torch.where(ok, pick, probs.argmax(-1))
+    return torch.where(ok, pick, probs.argmax(-1) if argmax is None else argmax)

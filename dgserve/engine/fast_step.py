@@ -72,12 +72,15 @@ class StepLayout:
     write_blocks: int  # WB
 
     @classmethod
-    def build(cls, model: DiffusionGemma, block_size: int, full_blocks: int) -> StepLayout:
+    def build(cls, model: DiffusionGemma, block_size: int, full_blocks: int,
+              sliding: int | None = None) -> StepLayout:
+        """``sliding``: sliding-window blocks gathered per row (default: a whole window's, any row's need)."""
         t = model.config.text
         has_sliding = any(t.is_sliding(i) for i in range(t.num_hidden_layers))
         canvas = model.config.canvas_length
-        return cls(canvas, block_size, full_blocks, sliding_blocks(t.sliding_window, block_size) if has_sliding else 0,
-                   write_blocks(canvas, block_size))
+        window = sliding_blocks(t.sliding_window, block_size)
+        nbs = (window if sliding is None else min(sliding, window)) if has_sliding else 0
+        return cls(canvas, block_size, full_blocks, nbs, write_blocks(canvas, block_size))
 
     @property
     def tokens(self) -> slice:
@@ -154,16 +157,20 @@ def _float_field(inp: torch.Tensor, field: int) -> torch.Tensor:
 def canvas_vocab_pass(model: DiffusionGemma, hidden: torch.Tensor, temp: torch.Tensor, u: torch.Tensor,
                       greedy: torch.Tensor, filters: RowFilters | None = None, logprobs: bool = False
                       ) -> tuple[torch.Tensor, ...]:
-    """LM head, sampling, entropy and soft embeddings for one canvas ``hidden [C, H]``: two GEMMs against the
+    """LM head, sampling, entropy and soft embeddings for the rows ``hidden [R, H]`` of one canvas (or of several:
+    ``temp`` then per row, ``[R, 1]``, and ``greedy`` ``[R]``): two GEMMs against the
     tied embedding (logits and soft embeddings), everything else one pass over ``[C, V]``. Returns (sample,
     argmax, entropy, soft ``[C, H]``), with ``logprobs`` also the sample's and the argmax's log-probabilities
     and the top ids and log-probabilities. ``filters``: sample and argmax from the filtered distribution (the
     soft embeddings keep the unfiltered one, as the exact path does)."""
+    if filters is None and not logprobs:
+        sample, argmax, entropy, probs = _plain_sample(model, hidden, temp, u, greedy)
+        return sample, argmax, entropy, model.soft_embeddings(probs)
     logits = model.logits(hidden)
-    scaled = logits / temp  # [C, V] fp32
+    scaled = logits / temp  # [R, V] fp32
     logp = torch.log_softmax(scaled, dim=-1)
     probs = logp.exp()
-    entropy = -(probs * logp).sum(-1)
+    entropy = -torch.einsum("rv,rv->r", probs, logp)  # a row-wise dot: no [R, V] product buffer
     sampled_logp, sampled_probs = logp, probs
     if filters is not None:
         filtered = filtered_logits(logits, temp, filters)
@@ -174,7 +181,7 @@ def canvas_vocab_pass(model: DiffusionGemma, hidden: torch.Tensor, temp: torch.T
         argmax = filtered.argmax(-1)
     else:
         argmax = scaled.argmax(-1)
-    sample = torch.where(greedy, argmax, inverse_cdf_sample(sampled_probs, u))
+    sample = torch.where(greedy, argmax, inverse_cdf_sample(sampled_probs, u, argmax=argmax))
     if model.dtype != torch.float32:
         # the reference feeds the logits, cast to the embedding dtype, to the next step's softmax
         probs = torch.softmax(scaled.to(model.dtype), dim=-1, dtype=torch.float32)
@@ -184,6 +191,44 @@ def canvas_vocab_pass(model: DiffusionGemma, hidden: torch.Tensor, temp: torch.T
         out += (sampled_logp.gather(1, sample[:, None]).squeeze(1), sampled_logp.gather(1, argmax[:, None]).squeeze(1),
                 ids, values)
     return out
+
+
+def _plain_sample(model: DiffusionGemma, hidden: torch.Tensor, temp: torch.Tensor, u: torch.Tensor,
+                  greedy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`canvas_vocab_pass` without filters or logprobs, in as few passes over ``[R, V]`` as eager torch
+    allows (on a CPU each pass, and each new ``[R, V]`` buffer, costs about as much as the arithmetic): the
+    logits softcapped and scaled in place, one ``max`` for the argmax and the softmax shift, one ``exp``, the
+    entropy as ``log Z - sum(p * x)`` over the shifted logits ``x``. Returns (sample, argmax, entropy, the
+    probabilities the soft embeddings take)."""
+    scaled = torch.nn.functional.linear(hidden, model.embed_tokens.weight).float()  # [R, V]
+    cap = model.config.text.final_logit_softcapping
+    if cap is not None:
+        scaled.div_(cap).tanh_().mul_(cap)
+    scaled.div_(temp)
+    # the reference feeds the logits, cast to the embedding dtype, to the next step's softmax
+    soft_logits = scaled.to(model.dtype) if model.dtype != torch.float32 else None
+    top, argmax = scaled.max(-1, keepdim=True)
+    shifted = scaled.sub_(top)
+    probs = shifted.exp()
+    z = probs.sum(-1, keepdim=True)
+    probs.div_(z)
+    entropy = z.log().squeeze(-1) - torch.einsum("rv,rv->r", probs, shifted)
+    argmax = argmax.squeeze(-1)
+    sample = torch.where(greedy, argmax, inverse_cdf_sample(probs, u, argmax=argmax))
+    if soft_logits is not None:
+        probs = torch.softmax(soft_logits, dim=-1, dtype=torch.float32)
+    return sample, argmax, entropy, probs
+
+
+VOCAB_CHUNK_ELEMENTS = 1 << 24  # [rows, V] fp32 working set of one sampler pass: 64 MiB
+
+
+def vocab_chunk(canvas: int, vocab: int, budget: int = VOCAB_CHUNK_ELEMENTS) -> int:
+    """Canvases per torch sampler pass: as many as keep one ``[rows, V]`` fp32 intermediate within ``budget``
+    elements (at least one). Small vocabularies (the CPU models) batch several canvases into each GEMM against
+    the embedding, which runs ~25 % faster per canvas at 512 rows than at 64 on a CPU; the published model's
+    ``[256, 262,144]`` canvas is already over budget, so it keeps one canvas per pass."""
+    return max(1, budget // (canvas * vocab))
 
 
 def kernel_vocab_pass(model: DiffusionGemma, hidden: torch.Tensor, temp: torch.Tensor, u: torch.Tensor,
@@ -289,10 +334,16 @@ def step_filters(inp: torch.Tensor, layout: StepLayout, r: int) -> RowFilters:
 def fast_step(model: DiffusionGemma, algorithm: DenoisingAlgorithm, layout: StepLayout, inp: torch.Tensor,
               state: CanvasState, k_pages: list[torch.Tensor], v_pages: list[torch.Tensor],
               scratch: dict[str, int], variant: StepVariant = PLAIN,
-              vocab_pass: VocabPass = canvas_vocab_pass) -> torch.Tensor:
+              vocab_pass: VocabPass = canvas_vocab_pass, vocab_rows: int | None = None,
+              vocab_chunk: int = 1) -> torch.Tensor:
     """One step over the rows of ``inp [S, layout.width]`` (int32); returns ``[S, output_width(C, variant)]``
     int32. ``vocab_pass``: :func:`canvas_vocab_pass` (torch) or :func:`kernel_vocab_pass` (the fused Triton
-    sampler); a step with filters or logprobs runs :func:`canvas_vocab_pass`, which has them."""
+    sampler); a step with filters or logprobs runs :func:`canvas_vocab_pass`, which has them. ``vocab_rows``:
+    only the first rows run the sampler (the runner puts the denoised rows first; the others' sampler outputs
+    would be discarded anyway), all ``S`` when ``None``. It is a static count: a CUDA graph is captured per
+    value. ``vocab_chunk``: canvases per sampler pass of a plain step (see :func:`vocab_chunk`; ``vocab_pass``
+    must then take rows of several canvases, as :func:`canvas_vocab_pass` does); filtered and logprob passes
+    take one canvas at a time."""
     c, vocab = layout.canvas, model.config.text.vocab_size
     x = step_inputs(model, layout, inp, state, scratch)
     seed_lo, seed_hi, canvas_index, cur_step, max_steps = x.seed_lo, x.seed_hi, x.canvas_index, x.cur_step, x.max_steps
@@ -305,15 +356,30 @@ def fast_step(model: DiffusionGemma, algorithm: DenoisingAlgorithm, layout: Step
     u = counter_rng.uniforms(counter_rng.stream_keys(seed_lo, seed_hi, canvas_index, step_index,
                                                      counter_rng.SAMPLE), c)
     greedy = inp[:, F_GREEDY] != 0
-    passes = []
-    for r in range(hidden.shape[0]):
-        if variant == PLAIN:
-            passes.append(vocab_pass(model, hidden[r], temp[r], u[r], greedy[r]))
-        else:
-            filters = step_filters(inp, layout, r) if variant.filters else None
-            passes.append(canvas_vocab_pass(model, hidden[r], temp[r], u[r], greedy[r], filters, variant.logprobs))
-    sample, argmax, entropy = (torch.stack([p[i] for p in passes]) for i in range(3))  # [S, C]
-    new_soft = torch.stack([p[3] for p in passes])  # [S, C, H]
+    rows = hidden.shape[0]
+    sampled = rows if vocab_rows is None else vocab_rows
+    assert 0 <= sampled <= rows, (sampled, rows)
+    passes: list[tuple[torch.Tensor, ...]] = []
+    if variant == PLAIN and vocab_chunk > 1:
+        # several canvases per pass: larger GEMMs against the embedding, fewer passes
+        for start in range(0, sampled, vocab_chunk):
+            k = min(vocab_chunk, sampled - start)
+            part = slice(start, start + k)
+            out = vocab_pass(model, hidden[part].reshape(k * c, -1), temp[part, None].expand(k, c).reshape(k * c, 1),
+                             u[part].reshape(k * c), greedy[part, None].expand(k, c).reshape(k * c))
+            passes.extend(zip(*(t.reshape(k, c, *t.shape[1:]).unbind(0) for t in out), strict=True))
+    else:
+        for r in range(sampled):
+            if variant == PLAIN:
+                passes.append(vocab_pass(model, hidden[r], temp[r], u[r], greedy[r]))
+            else:
+                filters = step_filters(inp, layout, r) if variant.filters else None
+                passes.append(canvas_vocab_pass(model, hidden[r], temp[r], u[r], greedy[r], filters,
+                                                variant.logprobs))
+    stacked = _pad_passes(passes, rows, c, hidden)
+    assert not variant.logprobs or len(stacked) == 8, "a logprobs step samples at least the row that asked"
+    sample, argmax, entropy = stacked[0], stacked[1], stacked[2]  # [S, C]
+    new_soft = stacked[3]  # [S, C, H]
 
     accepted = algorithm.accept(entropy, _float_field(inp, F_BOUND))
     renoise = counter_rng.randint(counter_rng.stream_keys(seed_lo, seed_hi, canvas_index, step_index,
@@ -331,16 +397,32 @@ def fast_step(model: DiffusionGemma, algorithm: DenoisingAlgorithm, layout: Step
     state.run.index_copy_(0, slot, torch.where(denoise, run, state.run.index_select(0, slot)))
     out = [finished[:, None].int(), accepted.sum(-1, keepdim=True).int(), argmax.int()]
     if variant.logprobs:
-        out += _logprob_columns(state, slot, denoise, fresh, accepted, sample, argmax, passes)
+        out += _logprob_columns(state, slot, denoise, fresh, accepted, sample, argmax, stacked)
     return torch.cat(out, dim=1)
+
+
+def _pad_passes(passes: list[tuple[torch.Tensor, ...]], rows: int, canvas: int, hidden: torch.Tensor
+                ) -> list[torch.Tensor]:
+    """Stack the per-canvas sampler outputs into ``[rows, ...]`` tensors; rows that ran no sampler get zeros
+    (a placeholder the state update never keeps: they are not denoised). Sample and argmax ``[rows, C]`` long,
+    entropy ``[rows, C]`` fp32, soft embeddings ``[rows, C, H]``, then the logprob outputs if any."""
+    if not passes:
+        zeros_ids = torch.zeros(rows, canvas, dtype=torch.long, device=hidden.device)
+        return [zeros_ids, zeros_ids, torch.zeros(rows, canvas, dtype=torch.float32, device=hidden.device),
+                torch.zeros_like(hidden)]
+    stacked = [torch.stack([p[i] for p in passes]) for i in range(len(passes[0]))]
+    missing = rows - len(passes)
+    if missing:
+        stacked = [torch.cat([t, t.new_zeros((missing, *t.shape[1:]))]) for t in stacked]
+    return stacked
 
 
 def _logprob_columns(state: CanvasState, slot: torch.Tensor, denoise: torch.Tensor, fresh: torch.Tensor,
                      accepted: torch.Tensor, sample: torch.Tensor, argmax: torch.Tensor,
-                     passes: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+                     stacked: list[torch.Tensor]) -> list[torch.Tensor]:
     """Keep each position's log-probabilities from the step that accepted it; the output columns report them for
-    the argmax canvas (what a finished canvas commits)."""
-    lp_sample, lp_argmax, top_ids, top_lps = (torch.stack([p[i] for p in passes]) for i in range(4, 8))
+    the argmax canvas (what a finished canvas commits). ``stacked``: the step's sampler outputs, ``[S, ...]``."""
+    lp_sample, lp_argmax, top_ids, top_lps = stacked[4:8]
     kept = state.accepted_lp
     stored = AcceptedLogprobs(*(t.index_select(0, slot) for t in (kept.token, kept.logprob, kept.top_ids,
                                                                    kept.top_logprobs)))

@@ -2,10 +2,11 @@
 copy), runs :func:`dgserve.engine.fast_step.fast_step` (eagerly, with compiled layers, or by replaying a CUDA
 graph captured for the step's bucket) and returns its output rows with one device-to-host copy.
 
-Buckets: the row count is padded up to one of ``row_buckets`` (1, 2, 4, ..., 64 by default) and the
-full-attention context to a power of two of blocks, so a steady stream of steps reuses a handful of shapes:
-one compiled graph per layer type and shape, one CUDA graph per bucket (captured on first use, the padding
-rows of the capture writing only scratch slots and the scratch state slot).
+Buckets: with compiled layers or CUDA graphs the row count is padded up to one of ``row_buckets`` (1, 2, 4, ...,
+64 by default), so a steady stream of steps reuses a handful of shapes: one compiled graph per layer type and
+shape, one CUDA graph per bucket (captured on first use, the padding rows of the capture writing only scratch
+slots and the scratch state slot). An eager step runs at its own row count. The full-attention context is
+gathered for a power of two of blocks either way. Only the denoised rows (put first) run the sampler.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class FastRunner:
     """Runs fast-path steps for an engine (see the module docstring).
 
     ``num_slots``: the engine's request slots (the canvas state holds one row per slot, plus a scratch row).
-    ``compile``: compile each layer type's forward and the per-canvas sampler pass with ``torch.compile``
+    ``compile``: compile each layer type's forward and the plain sampler pass with ``torch.compile``
     (``fullgraph=True, dynamic=False``); ``compile_backend`` picks the backend (tests use ``"eager"``).
     ``cuda_graphs``: capture each bucket's whole step in a CUDA graph (CUDA only).
     ``sampler_kernel`` / ``moe_kernel``: ``"triton"`` runs the sampler / the experts' grouped path with the Triton
@@ -102,7 +103,10 @@ class FastRunner:
         self.scratch = {"full": pool.scratch_slot("full"), "sliding": pool.scratch_slot("sliding")}
         self.sampler_kernel = kernels.resolve(sampler_kernel, "sampler", self.device)
         self.moe_kernel = kernels.resolve(moe_kernel, "moe", self.device)
-        self.vocab_pass = fs.kernel_vocab_pass if self.sampler_kernel == "triton" else fs.canvas_vocab_pass
+        triton_sampler = self.sampler_kernel == "triton"
+        self.vocab_pass: fs.VocabPass = fs.kernel_vocab_pass if triton_sampler else fs.canvas_vocab_pass
+        # canvases per sampler pass of a plain step (the Triton sampler takes one canvas at a time)
+        self.vocab_chunk = 1 if triton_sampler else fs.vocab_chunk(self.canvas, model.config.text.vocab_size)
         for layer in model.layers:
             layer.experts.kernel = self.moe_kernel
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda" and not model.dispatcher.collective
@@ -112,7 +116,8 @@ class FastRunner:
             log.warning("CUDA graphs off: the grouped expert kernel does not run %s on this device, and the "
                         "per-expert fallback reads expert counts on the host", model.dtype)
             self.cuda_graphs = False
-        if compile and not model.dispatcher.collective:
+        self.compiled = compile and not model.dispatcher.collective
+        if self.compiled:
             # one graph per (layer type, row bucket, context bucket): more than dynamo's default of 8 per function
             graphs = len(set(model.config.text.layer_types)) * len(self.row_buckets) * MAX_CONTEXT_BUCKETS
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, graphs)
@@ -120,13 +125,19 @@ class FastRunner:
                 torch._dynamo.config.accumulated_recompile_limit, graphs)
             model.compiled_layer_rows = torch.compile(TransformerLayer.forward_rows, fullgraph=True, dynamic=False,
                                                       backend=compile_backend)
-        self._graphs: dict[tuple[int, int, fs.StepVariant], _CapturedStep] = {}
+            if not triton_sampler:
+                # the plain sampler pass too (one graph per canvases-per-pass count): its elementwise work over
+                # [rows, V] fuses into a few loops
+                self.vocab_pass = torch.compile(fs.canvas_vocab_pass, fullgraph=True, dynamic=False,
+                                                backend=compile_backend)
+        self._graphs: dict[tuple[int, int, int, fs.StepVariant], _CapturedStep] = {}
         self.transfers_to_host = 0  # device-to-host copies (one per step)
         self.transfers_to_device = 0  # host-to-device copies (one per step)
         self.steps = 0
         # the device program (a benchmark of the host side swaps in a stub)
         self.step_fn: Callable[..., torch.Tensor] = functools.partial(fs.fast_step, vocab_pass=self.vocab_pass)
         self.buckets_seen: set[tuple[int, int]] = set()  # (rows, full-context blocks) of the steps run
+        self.vocab_rows_seen: set[int] = set()  # rows of the steps run that ran the sampler
 
     # -- buckets ------------------------------------------------------------------------------------
     def row_bucket(self, n: int) -> int:
@@ -142,19 +153,46 @@ class FastRunner:
             blocks *= 2
         return blocks
 
+    def _layout(self, rows: Sequence[Row]) -> fs.StepLayout:
+        """The step's gather widths: under static shapes the context bucket and a whole sliding window; an eager
+        step gathers only the blocks its rows hold (at least one)."""
+        if self.static_shapes:
+            return fs.StepLayout.build(self.model, self.block_size, self.context_bucket(rows))
+        bs, window = self.block_size, self.model.config.text.sliding_window
+        held = [-(-r.prefix_len // bs) for r in rows]
+        sliding = [h - max(0, r.prefix_len - (window - 1)) // bs for h, r in zip(held, rows, strict=True)]
+        return fs.StepLayout.build(self.model, bs, max(1, *held), sliding=max(1, *sliding))
+
     # -- one step -----------------------------------------------------------------------------------
+    @property
+    def static_shapes(self) -> bool:
+        """Whether steps run at bucketed shapes: compiled layers (one graph per shape) and CUDA graphs need them;
+        an eager step runs at its own row count, with no padding rows."""
+        return self.cuda_graphs or self.compiled
+
     def run(self, rows: Sequence[Row]) -> np.ndarray:
-        """Run one step; returns ``[len(rows), output_width]`` int32 (``fast_step``'s output rows, in order; the
-        variant's optional columns when some row asked for them, see ``fast_step.output_width``)."""
+        """Run one step; returns ``[len(rows), output_width]`` int32 (``fast_step``'s output rows, in the order of
+        ``rows``; the variant's optional columns when some row asked for them, see ``fast_step.output_width``).
+
+        The denoised rows go first in the device program, and only they (up to their own bucket under static
+        shapes) run the sampler's vocabulary pass: prefill and commit rows would only discard its outputs."""
         assert rows, "a step needs at least one row"
-        s = self.row_bucket(len(rows))
-        layout = fs.StepLayout.build(self.model, self.block_size, self.context_bucket(rows))
+        order = sorted(range(len(rows)), key=lambda i: rows[i].kind != fs.DENOISE)
+        ordered = [rows[i] for i in order]
+        denoised = sum(1 for r in rows if r.kind == fs.DENOISE)
+        if self.static_shapes:
+            s = self.row_bucket(len(rows))
+            vocab_rows = min(s, self.row_bucket(denoised)) if denoised else 0
+        else:
+            s, vocab_rows = len(rows), denoised
+        layout = self._layout(rows)
         variants = [r.variant for r in rows]
         variant = fs.StepVariant(filters=any(v.filters for v in variants), logprobs=any(v.logprobs for v in variants))
         self.buckets_seen.add((s, layout.full_blocks))
-        host = self._pack(rows, s, layout)
+        self.vocab_rows_seen.add(vocab_rows)
+        host = self._pack(ordered, s, layout)
         if self.cuda_graphs:
-            out = self._graph(s, layout, variant).replay(host)
+            out = self._graph(s, layout, variant, vocab_rows).replay(host)
         else:
             inp = torch.from_numpy(host)
             if self.device.type != "cpu":
@@ -162,11 +200,14 @@ class FastRunner:
             self.transfers_to_device += 1
             with torch.inference_mode():
                 result = self.step_fn(self.model, self.algorithm, layout, inp, self.state, self.pool.k_flat,
-                                      self.pool.v_flat, self.scratch, variant)
+                                      self.pool.v_flat, self.scratch, variant, vocab_rows=vocab_rows,
+                                      vocab_chunk=self.vocab_chunk)
             out = result.cpu().numpy() if result.device.type != "cpu" else result.numpy()
         self.transfers_to_host += 1
         self.steps += 1
-        return out[:len(rows)]
+        in_order = np.empty((len(rows), out.shape[1]), dtype=out.dtype)
+        in_order[order] = out[:len(rows)]
+        return in_order
 
     def _pack(self, rows: Sequence[Row], s: int, layout: fs.StepLayout) -> np.ndarray:
         host = np.full((s, layout.width), -1, dtype=np.int32)
@@ -214,21 +255,24 @@ class FastRunner:
         host[len(rows):, layout.bias_values] = 0
         return host
 
-    def _graph(self, s: int, layout: fs.StepLayout, variant: fs.StepVariant = fs.PLAIN) -> _CapturedStep:
-        key = (s, layout.full_blocks, variant)
+    def _graph(self, s: int, layout: fs.StepLayout, variant: fs.StepVariant = fs.PLAIN,
+               vocab_rows: int | None = None) -> _CapturedStep:
+        vocab_rows = s if vocab_rows is None else vocab_rows
+        key = (s, vocab_rows, layout.full_blocks, variant)
         graph = self._graphs.get(key)
         if graph is None:
             started = time.perf_counter()
             padding = self._pack([], s, layout)
-            graph = _CapturedStep(self, layout, padding, variant)
+            graph = _CapturedStep(self, layout, padding, variant, vocab_rows)
             self._graphs[key] = graph
-            log.info("captured the fast step for %d rows, %d context blocks, %s in %.2f s", s, layout.full_blocks,
-                     variant, time.perf_counter() - started)
+            log.info("captured the fast step for %d rows (%d sampled), %d context blocks, %s in %.2f s", s,
+                     vocab_rows, layout.full_blocks, variant, time.perf_counter() - started)
         return graph
 
     def capture(self, row_counts: Sequence[int] | None = None) -> float:
         """Capture the CUDA graphs of the given row buckets at the smallest context bucket up front (largest
-        first, so the others reuse its memory); returns the seconds it took."""
+        first, so the others reuse its memory), every row sampled (the steady state: all rows denoising); other
+        sampled-row counts are captured on first use. Returns the seconds it took."""
         started = time.perf_counter()
         if self.cuda_graphs:
             for s in sorted(row_counts or self.row_buckets, reverse=True):
@@ -242,7 +286,7 @@ class _CapturedStep:
     pool: object = None  # the memory pool all captures share
 
     def __init__(self, runner: FastRunner, layout: fs.StepLayout, padding: np.ndarray,
-                 variant: fs.StepVariant = fs.PLAIN) -> None:
+                 variant: fs.StepVariant = fs.PLAIN, vocab_rows: int | None = None) -> None:
         self.host_in = torch.from_numpy(padding).pin_memory()
         self.host_out = torch.empty((padding.shape[0], fs.output_width(runner.canvas, variant)),
                                     dtype=torch.int32).pin_memory()
@@ -250,7 +294,8 @@ class _CapturedStep:
 
         def step() -> torch.Tensor:
             return runner.step_fn(runner.model, runner.algorithm, layout, self.static_in, runner.state,
-                                  runner.pool.k_flat, runner.pool.v_flat, runner.scratch, variant)
+                                  runner.pool.k_flat, runner.pool.v_flat, runner.scratch, variant,
+                                  vocab_rows=vocab_rows, vocab_chunk=runner.vocab_chunk)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
