@@ -11,14 +11,11 @@ from typing import Any
 
 import httpx
 import jsonschema
-import openai
 import pytest
-import torch
+from local_api import http, oai, tiny_backend
 
-from dgserve.engine.engine import EngineConfig
 from dgserve.model.checkpoint import load_metadata
 from dgserve.routing.chat_backend import EngineChatBackend
-from dgserve.routing.ingress_app import build_fastapi_app
 from dgserve.train.paths import TINY_DIR
 
 pytestmark = [pytest.mark.anyio,
@@ -38,23 +35,8 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 def backend() -> Iterator[EngineChatBackend]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    local = EngineChatBackend.load("tiny", engine_config=EngineConfig(kv_cache_memory=16 << 20))
-    try:
+    with tiny_backend(16 << 20) as local:
         yield local
-    finally:
-        local.shutdown()
-        torch.set_num_threads(before)
-
-
-def http(backend: EngineChatBackend) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(build_fastapi_app(backend)), base_url="http://test",
-                             timeout=300)
-
-
-def oai(backend: EngineChatBackend) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url="http://test/v1", api_key="none", max_retries=0, http_client=http(backend))
 
 
 def chat(content: str = SORT, **extra: Any) -> dict[str, Any]:

@@ -1,0 +1,38 @@
+"""The API over an in-process engine backend (no Ray, no port): the shipped ``tiny`` model behind FastAPI's ASGI
+transport, for tests that drive the OpenAI routes with httpx or the official ``openai`` client."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import openai
+import torch
+
+from dgserve.engine.engine import EngineConfig
+from dgserve.routing.chat_backend import EngineChatBackend
+from dgserve.routing.ingress_app import build_fastapi_app
+
+
+@contextmanager
+def tiny_backend(kv_bytes: int) -> Iterator[EngineChatBackend]:
+    """The tiny model's engine backend with a KV cache of ``kv_bytes``, at one torch thread (as a fractional-CPU
+    replica runs; seeded outputs the tests pin were generated at one thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    local = EngineChatBackend.load("tiny", engine_config=EngineConfig(kv_cache_memory=kv_bytes))
+    try:
+        yield local
+    finally:
+        local.shutdown()
+        torch.set_num_threads(before)
+
+
+def http(backend: EngineChatBackend, timeout: float = 300) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(build_fastapi_app(backend)), base_url="http://test",
+                             timeout=timeout)
+
+
+def oai(backend: EngineChatBackend) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url="http://test/v1", api_key="none", max_retries=0, http_client=http(backend))
