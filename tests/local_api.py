@@ -3,8 +3,10 @@ transport, for tests that drive the OpenAI routes with httpx or the official ``o
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import openai
@@ -36,3 +38,18 @@ def http(backend: EngineChatBackend, timeout: float = 300) -> httpx.AsyncClient:
 
 def oai(backend: EngineChatBackend) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url="http://test/v1", api_key="none", max_retries=0, http_client=http(backend))
+
+
+def chat(content: str, **extra: Any) -> dict[str, Any]:
+    """A chat request body for the tiny model with one user message."""
+    return {"model": "tiny", "messages": [{"role": "user", "content": content}], **extra}
+
+
+async def stream_chunks(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """POST ``body`` streamed; the chunks before ``[DONE]`` (which must end the stream)."""
+    async with client.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200, await r.aread()
+        text = (await r.aread()).decode()
+    data = [line.removeprefix("data: ") for line in text.split("\n") if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    return [json.loads(d) for d in data[:-1]]

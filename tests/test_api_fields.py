@@ -9,10 +9,10 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import jsonschema
 import pytest
-from local_api import http, oai, tiny_backend
+from local_api import chat as chat_body
+from local_api import http, oai, stream_chunks, tiny_backend
 
 from dgserve.model.checkpoint import load_metadata
 from dgserve.routing.chat_backend import EngineChatBackend
@@ -40,16 +40,8 @@ def backend() -> Iterator[EngineChatBackend]:
 
 
 def chat(content: str = SORT, **extra: Any) -> dict[str, Any]:
-    return {"model": "tiny", "messages": [{"role": "user", "content": content}], **extra}
+    return chat_body(content, **extra)
 
-
-async def stream_chunks(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
-    async with client.stream("POST", path, json={**body, "stream": True}) as r:
-        assert r.status_code == 200, await r.aread()
-        text = (await r.aread()).decode()
-    data = [line.removeprefix("data: ") for line in text.split("\n") if line.startswith("data: ")]
-    assert data[-1] == "[DONE]"
-    return [json.loads(d) for d in data[:-1]]
 
 
 # ------------------------------------------------------------------------------------ 1. vLLM's fields

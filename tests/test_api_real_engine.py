@@ -6,15 +6,13 @@ with httpx and the official ``openai`` client. The prompts and seeds are the iss
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
-from local_api import http, oai, tiny_backend
+from local_api import chat, http, oai, stream_chunks, tiny_backend
 
 from dgserve.engine.request import FinalEvent, GenerationRequest
 from dgserve.model.checkpoint import load_metadata
@@ -40,18 +38,6 @@ def backend() -> Iterator[EngineChatBackend]:
     with tiny_backend(KV_BYTES) as local:
         yield local
 
-
-def chat(content: str, **extra: Any) -> dict[str, Any]:
-    return {"model": "tiny", "messages": [{"role": "user", "content": content}], **extra}
-
-
-async def stream_chunks(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
-    async with client.stream("POST", path, json={**body, "stream": True}) as r:
-        assert r.status_code == 200, await r.aread()
-        text = (await r.aread()).decode()
-    data = [line.removeprefix("data: ") for line in text.split("\n") if line.startswith("data: ")]
-    assert data[-1] == "[DONE]"
-    return [json.loads(d) for d in data[:-1]]
 
 
 # ------------------------------------------------------------------ 1. a reply cut by max_tokens says "length"
