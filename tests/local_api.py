@@ -18,12 +18,13 @@ from dgserve.routing.ingress_app import build_fastapi_app
 
 
 @contextmanager
-def tiny_backend(kv_bytes: int) -> Iterator[EngineChatBackend]:
+def tiny_backend(kv_bytes: int, execution: str = "auto") -> Iterator[EngineChatBackend]:
     """The tiny model's engine backend with a KV cache of ``kv_bytes``, at one torch thread (as a fractional-CPU
-    replica runs; seeded outputs the tests pin were generated at one thread)."""
+    replica runs; seeded outputs the tests pin were generated at one thread), in the given execution mode."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    local = EngineChatBackend.load("tiny", engine_config=EngineConfig(kv_cache_memory=kv_bytes))
+    local = EngineChatBackend.load("tiny", engine_config=EngineConfig(kv_cache_memory=kv_bytes,
+                                                                                execution=execution))
     try:
         yield local
     finally:

@@ -241,6 +241,26 @@ async def test_json_schema_output_is_valid_for_50_seeded_requests(backend) -> No
                                            for c in streamed if c["choices"])), PERSON)
 
 
+async def test_fast_mode_serves_constrained_and_plain_requests_side_by_side() -> None:
+    """A fast-mode engine runs constrained canvases through the exact forward and everything else as fast rows
+    (commits and prefills carrying their next canvas' first step): 12 concurrent requests, half of them
+    JSON-constrained, share steps; every constrained output validates, every plain one ends."""
+    import asyncio
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    with tiny_backend(16 << 20, execution="fast") as fast:
+        async with http(fast) as client:
+            bodies = [chat("Describe a king.", seed=seed, max_tokens=96, response_format=fmt) if seed % 2 else
+                      chat(SORT, seed=seed, max_tokens=80) for seed in range(12)]
+            replies = await asyncio.gather(*[client.post("/v1/chat/completions", json=b) for b in bodies])
+    for body, reply in zip(bodies, replies, strict=True):
+        assert reply.status_code == 200, reply.text
+        choice = reply.json()["choices"][0]
+        assert choice["finish_reason"] in ("stop", "length")
+        if "response_format" in body:
+            jsonschema.validate(json.loads(choice["message"]["content"]), PERSON)
+
+
 async def test_forced_tool_choice_returns_a_call_under_its_schema(backend) -> None:
     tool = {"type": "function", "function": {"name": "record_person", "description": "Record a person.",
                                              "parameters": PERSON}}

@@ -349,3 +349,47 @@ def test_runner_puts_denoised_rows_first_and_returns_rows_in_order(tiny, static)
         assert seen == {"kinds": [fs.DENOISE] * 3 + [fs.PREFILL, fs.COMMIT], "vocab_rows": 3}
     assert out[:, fs.F_SLOT].tolist() == [r.slot for r in rows]
     assert out[:, fs.F_KIND].tolist() == list(kinds)
+
+
+def test_first_denoising_step_rides_with_its_commit(tiny):
+    """A commit and the first denoising step of the sequence's next canvas share one forward: the denoised row
+    reads the committed canvas' K/V written by the same layer (each layer writes before any row gathers). Its
+    hidden states equal those of the same step run after the commit, within 1e-5 (the KV pages are cleared
+    between the two runs, so stale K/V could not stand in); an engine serving one request then runs exactly
+    one forward per denoising step: the prefill and each commit ride along."""
+    model, cfg = tiny.model, tiny.config
+    c = cfg.canvas_length
+    pool = KVPagePool.from_budget(cfg, 16 << 20, block_size=4, dtype=model.dtype, max_seqs=4, scratch_tokens=c)
+    runner = FastRunner(model, pool, num_slots=4)
+    table = pool.new_table()
+    assert pool.ensure_capacity(table, 8 + 2 * c)
+    table.mark_written(8)
+    runner.state.argmax[0] = torch.randint(6, cfg.text.vocab_size, (c,), generator=torch.Generator().manual_seed(2))
+    commit = Row(fs.COMMIT, 0, 8, table, c)
+    first = Row(fs.DENOISE, 0, 8 + c, table, c, fresh=True, cur_step=SAMPLING.max_denoising_steps,
+                sampling=SAMPLING, seed=11)
+
+    def hidden(rows: list[Row]) -> torch.Tensor:
+        layout = runner._layout(rows)
+        inp = torch.from_numpy(runner._pack(rows, len(rows), layout))
+        with torch.inference_mode():
+            x = fs.step_inputs(model, layout, inp, runner.state, runner.scratch)
+            return model.forward_canvases(x.batch, pool.k_flat, pool.v_flat)
+
+    for pages in (*pool.k_flat, *pool.v_flat):
+        pages.zero_()
+    hidden([commit])
+    apart = hidden([first])[0]
+    for pages in (*pool.k_flat, *pool.v_flat):
+        pages.zero_()
+    together = hidden([commit, first])[1]
+    torch.testing.assert_close(together, apart, rtol=0, atol=1e-5)
+
+    steps = 5
+    engine = Engine(model, tiny.generation, None, EngineConfig(execution="fast", kv_cache_memory=16 << 20))
+    sampling = SamplingParams(max_denoising_steps=steps, stability_threshold=None, confidence_threshold=None)
+    tokens, finals, _ = _drive(engine, [GenerationRequest(prompt_ids=[7, 8, 9], max_tokens=3 * c, seed=4,
+                                                          ignore_eos=True, sampling=sampling, request_id="one")])
+    assert len(tokens["one"]) == 3 * c and finals["one"].finish_reason == "length"
+    assert engine.forwards == 3 * steps
+    assert list(engine.canvases_in_forward) == [1] * (3 * steps)

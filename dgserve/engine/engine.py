@@ -445,54 +445,77 @@ class Engine:
 
     def _forward_fast(self, seqs: list[tuple[Work, _Seq]]) -> list[Event]:
         """One fast-path step (``dgserve.engine.runner``): every row and the sampler on the device, one copy
-        each way."""
+        each way. A commit, or the prefill chunk that completes a prompt, takes the first denoising step of the
+        sequence's next canvas along in the same forward (each layer writes the encoded K/V before any row
+        gathers its prefix), instead of leaving it to a forward of its own."""
         assert self.runner is not None
         rows = []
+        along: list[tuple[_Seq, Row]] = []  # first denoising steps riding with their sequence's encode row
+        budget = self.limits.max_step_tokens - sum(w.length for w, _ in seqs)
         for w, s in seqs:
+            if w.kind == "denoise":
+                rows.append(self._denoise_row(s, s.cached_len))
+                continue
             if w.kind == "prefill":
                 ids = s.tokens[s.cached_len:s.next_boundary(self.prefill_chunk, self.canvas)]
                 rows.append(Row(fast_step.PREFILL, s.slot, s.cached_len, s.table, len(ids), ids))
-            elif w.kind == "commit":
-                rows.append(Row(fast_step.COMMIT, s.slot, s.cached_len, s.table, self.canvas))
+                completes = s.cached_len + len(ids) >= len(s.tokens)
             else:
-                p = s.req.sampling
-                if not s.canvas_started:
-                    s.steps = 0
-                rows.append(Row(fast_step.DENOISE, s.slot, s.cached_len, s.table, self.canvas,
-                                fresh=not s.canvas_started, cur_step=p.max_denoising_steps - s.steps, sampling=p,
-                                greedy=p.greedy, seed=s.seed,
-                                canvas_index=len(s.req.committed_ids) // self.canvas + s.canvas_index,
-                                suppress_before=self.suppress_before(s), suppress_ids=self.suppressed_ids(),
-                                logprobs=s.req.logprobs is not None))
-        out = self.runner.run(rows)
-        self._count_forward(seqs)
+                rows.append(Row(fast_step.COMMIT, s.slot, s.cached_len, s.table, self.canvas))
+                completes = True
+            if completes and s.matcher is None and budget >= self.canvas:
+                budget -= self.canvas
+                along.append((s, self._denoise_row(s, s.cached_len + rows[-1].length)))
+        out = self.runner.run(rows + [row for _, row in along])
+        self._count_forward(seqs, extra_canvases=len(along))
         events: list[Event] = []
-        for (w, s), row, result in zip(seqs, rows, out, strict=True):
+        for (w, s), row, result in zip(seqs, rows, out, strict=False):
             if w.kind != "denoise":
                 s.table.mark_written(s.cached_len + row.length)
                 self._after_encode(s, row.length)
-                continue
-            s.canvas_started = True
-            s.steps += 1
-            s.last_served = self.step_index
-            finished = bool(result[fast_step.OUT_FINISHED])
-            tokens = result[fast_step.OUT_TOKENS:fast_step.OUT_TOKENS + self.canvas]
-            if s.req.draft_every and s.steps % s.req.draft_every == 0 and not finished:
-                ids = tokens.tolist()
-                text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
-                events.append(DraftEvent(s.req.request_id, ids, text, s.steps))
-            if finished:
-                s.canvas_started = False
-                reported = None
-                if s.req.logprobs is not None:
-                    reported = _fast_logprobs(result[fast_step.OUT_TOKENS + self.canvas:], self.canvas)
-                events.extend(self._finish_canvas(s, tokens.tolist(), reported))
+            else:
+                events.extend(self._after_fast_denoise(s, result))
+        for (s, _), result in zip(along, out[len(rows):], strict=True):
+            assert s.phase == "denoise", s.phase
+            events.extend(self._after_fast_denoise(s, result))
         return events
 
-    def _count_forward(self, seqs: list[tuple[Work, _Seq]]) -> None:
+    def _denoise_row(self, s: _Seq, prefix_len: int) -> Row:
+        """The fast step's row for one denoising step of ``s``'s canvas after ``prefix_len`` cached tokens."""
+        p = s.req.sampling
+        if not s.canvas_started:
+            s.steps = 0
+        return Row(fast_step.DENOISE, s.slot, prefix_len, s.table, self.canvas, fresh=not s.canvas_started,
+                   cur_step=p.max_denoising_steps - s.steps, sampling=p, greedy=p.greedy, seed=s.seed,
+                   canvas_index=len(s.req.committed_ids) // self.canvas + s.canvas_index,
+                   suppress_before=self.suppress_before(s), suppress_ids=self.suppressed_ids(),
+                   logprobs=s.req.logprobs is not None)
+
+    def _after_fast_denoise(self, s: _Seq, result: np.ndarray) -> list[Event]:
+        """Book a fast denoising step's output row: a draft, or the finished canvas."""
+        events: list[Event] = []
+        s.canvas_started = True
+        s.steps += 1
+        s.last_served = self.step_index
+        finished = bool(result[fast_step.OUT_FINISHED])
+        tokens = result[fast_step.OUT_TOKENS:fast_step.OUT_TOKENS + self.canvas]
+        if s.req.draft_every and s.steps % s.req.draft_every == 0 and not finished:
+            ids = tokens.tolist()
+            text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+            events.append(DraftEvent(s.req.request_id, ids, text, s.steps))
+        if finished:
+            s.canvas_started = False
+            reported = None
+            if s.req.logprobs is not None:
+                reported = _fast_logprobs(result[fast_step.OUT_TOKENS + self.canvas:], self.canvas)
+            events.extend(self._finish_canvas(s, tokens.tolist(), reported))
+        return events
+
+    def _count_forward(self, seqs: list[tuple[Work, _Seq]], extra_canvases: int = 0) -> None:
+        """``extra_canvases``: first denoising steps a fast step ran beside their sequences' encode rows."""
         self.forwards += 1
-        self.canvases_in_forward.append(sum(1 for w, _ in seqs if w.kind == "denoise"))
-        self.tokens_in_forward.append(sum(w.length for w, _ in seqs))
+        self.canvases_in_forward.append(sum(1 for w, _ in seqs if w.kind == "denoise") + extra_canvases)
+        self.tokens_in_forward.append(sum(w.length for w, _ in seqs) + extra_canvases * self.canvas)
 
     def _after_encode(self, s: _Seq, length: int) -> None:
         # a prefix-cache hit at admission can leave fewer tokens than the planned chunk

@@ -347,7 +347,7 @@ def fast_step(model: DiffusionGemma, algorithm: DenoisingAlgorithm, layout: Step
     c, vocab = layout.canvas, model.config.text.vocab_size
     x = step_inputs(model, layout, inp, state, scratch)
     seed_lo, seed_hi, canvas_index, cur_step, max_steps = x.seed_lo, x.seed_hi, x.canvas_index, x.cur_step, x.max_steps
-    slot, denoise, fresh, canvas, previous, soft = x.slot, x.denoise, x.fresh, x.canvas, x.previous, x.batch.soft
+    slot, denoise, fresh, previous = x.slot, x.denoise, x.fresh, x.previous
     step_index = max_steps - cur_step  # steps this canvas has taken before this one
     hidden = model.forward_canvases(x.batch, k_pages, v_pages)  # [S, C, H]
 
@@ -389,15 +389,16 @@ def fast_step(model: DiffusionGemma, algorithm: DenoisingAlgorithm, layout: Step
     stop = algorithm.stop(run, entropy, inp[:, F_THRESHOLD].long(), _float_field(inp, F_CONFIDENCE))
     finished = denoise & (stop | (cur_step <= 1))
 
-    # state of the denoised rows (other rows keep theirs; padding rows write the scratch slot)
-    d2, d3 = denoise[:, None], denoise[:, None, None]
-    state.canvas.index_copy_(0, slot, torch.where(d2, new_canvas, canvas))
-    state.argmax.index_copy_(0, slot, torch.where(d2, argmax, previous))
-    state.soft.index_copy_(0, slot, torch.where(d3, new_soft.to(state.soft.dtype), soft))
-    state.run.index_copy_(0, slot, torch.where(denoise, run, state.run.index_select(0, slot)))
+    # state of the denoised rows; every other row writes the scratch slot: a sequence's commit and its next
+    # canvas' first denoising step share a step, and so a slot, and only the denoised row's state may land
+    kept = torch.where(denoise, slot, torch.full_like(slot, state.pad_slot))
+    state.canvas.index_copy_(0, kept, new_canvas)
+    state.argmax.index_copy_(0, kept, argmax)
+    state.soft.index_copy_(0, kept, new_soft.to(state.soft.dtype))
+    state.run.index_copy_(0, kept, run)
     out = [finished[:, None].int(), accepted.sum(-1, keepdim=True).int(), argmax.int()]
     if variant.logprobs:
-        out += _logprob_columns(state, slot, denoise, fresh, accepted, sample, argmax, stacked)
+        out += _logprob_columns(state, slot, kept, fresh, accepted, sample, argmax, stacked)
     return torch.cat(out, dim=1)
 
 
@@ -417,7 +418,7 @@ def _pad_passes(passes: list[tuple[torch.Tensor, ...]], rows: int, canvas: int, 
     return stacked
 
 
-def _logprob_columns(state: CanvasState, slot: torch.Tensor, denoise: torch.Tensor, fresh: torch.Tensor,
+def _logprob_columns(state: CanvasState, slot: torch.Tensor, kept_slot: torch.Tensor, fresh: torch.Tensor,
                      accepted: torch.Tensor, sample: torch.Tensor, argmax: torch.Tensor,
                      stacked: list[torch.Tensor]) -> list[torch.Tensor]:
     """Keep each position's log-probabilities from the step that accepted it; the output columns report them for
@@ -431,11 +432,11 @@ def _logprob_columns(state: CanvasState, slot: torch.Tensor, denoise: torch.Tens
     stored = AcceptedLogprobs(torch.where(f2, torch.full_like(stored.token, -1), stored.token), stored.logprob,
                               torch.where(f3, torch.zeros_like(stored.top_ids), stored.top_ids), stored.top_logprobs)
     new = stored.accept(accepted, sample, lp_sample, top_ids, top_lps)
-    d2, d3 = denoise[:, None], denoise[:, None, None]
-    kept.token.index_copy_(0, slot, torch.where(d2, new.token, stored.token))
-    kept.logprob.index_copy_(0, slot, torch.where(d2, new.logprob, stored.logprob))
-    kept.top_ids.index_copy_(0, slot, torch.where(d3, new.top_ids, stored.top_ids))
-    kept.top_logprobs.index_copy_(0, slot, torch.where(d3, new.top_logprobs, stored.top_logprobs))
+    # denoised rows only (``kept_slot``: the scratch slot for the others)
+    kept.token.index_copy_(0, kept_slot, new.token)
+    kept.logprob.index_copy_(0, kept_slot, new.logprob)
+    kept.top_ids.index_copy_(0, kept_slot, new.top_ids)
+    kept.top_logprobs.index_copy_(0, kept_slot, new.top_logprobs)
     lp, ids, values = new.report(argmax, lp_argmax, top_ids, top_lps)
     s = lp.shape[0]
     return [lp.contiguous().view(torch.int32), ids.int().reshape(s, -1),
