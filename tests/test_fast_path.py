@@ -333,8 +333,7 @@ def test_runner_puts_denoised_rows_first_and_returns_rows_in_order(tiny, static)
                                   scratch_tokens=c)
     kinds = (fs.PREFILL, fs.DENOISE, fs.COMMIT, fs.DENOISE, fs.DENOISE)
     rows = _mixed_rows(pool, c, kinds)
-    runner = FastRunner(model, pool, num_slots=8)
-    runner.compiled = static  # bucketed shapes, as compiled layers need (the layers themselves stay eager here)
+    runner = FastRunner(model, pool, num_slots=8, static_shapes=static)  # bucketed shapes, as graphs need
     seen = {}
 
     def stub(model, algorithm, layout, inp, state, k_pages, v_pages, scratch, variant, vocab_rows, **_):

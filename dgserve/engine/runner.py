@@ -83,16 +83,19 @@ class FastRunner:
     ``cuda_graphs``: capture each bucket's whole step in a CUDA graph (CUDA only).
     ``sampler_kernel`` / ``moe_kernel``: ``"triton"`` runs the sampler / the experts' grouped path with the Triton
     kernels of ``dgserve.kernels``, ``"torch"`` with torch ops, ``"auto"`` as measured for the card.
+    ``static_shapes``: run steps at bucketed shapes (see :attr:`static_shapes`); None: when compiled layers or CUDA
+    graphs need them. An eager runner compared bit for bit with a graphed one asks for them too.
     """
 
     def __init__(self, model: DiffusionGemma, pool: KVPagePool, num_slots: int, *, compile: bool = False,
                  compile_backend: str = "inductor", cuda_graphs: bool = False,
                  row_buckets: Sequence[int] = DEFAULT_ROW_BUCKETS, sampler_kernel: kernels.KernelChoice = "auto",
-                 moe_kernel: kernels.KernelChoice = "auto") -> None:
+                 moe_kernel: kernels.KernelChoice = "auto", static_shapes: bool | None = None) -> None:
         if pool.scratch_blocks * pool.block_size < model.config.canvas_length:
             raise ValueError("the fast path needs a KV pool with a canvas of scratch slots (scratch_tokens)")
         self.model = model
         self.pool = pool
+        self._static_shapes = static_shapes
         self.device = model.device
         self.canvas = model.config.canvas_length
         self.block_size = pool.block_size
@@ -167,7 +170,9 @@ class FastRunner:
     @property
     def static_shapes(self) -> bool:
         """Whether steps run at bucketed shapes: compiled layers (one graph per shape) and CUDA graphs need them;
-        an eager step runs at its own row count, with no padding rows."""
+        an eager step runs at its own row count, with no padding rows, unless the runner was asked otherwise."""
+        if self._static_shapes is not None:
+            return self._static_shapes
         return self.cuda_graphs or self.compiled
 
     def run(self, rows: Sequence[Row]) -> np.ndarray:
