@@ -161,10 +161,14 @@ class FastRunner:
         step gathers only the blocks its rows hold (at least one)."""
         if self.static_shapes:
             return fs.StepLayout.build(self.model, self.block_size, self.context_bucket(rows))
-        bs, window = self.block_size, self.model.config.text.sliding_window
+        bs = self.block_size
         held = [-(-r.prefix_len // bs) for r in rows]
-        sliding = [h - max(0, r.prefix_len - (window - 1)) // bs for h, r in zip(held, rows, strict=True)]
+        sliding = [h - self._sliding_base(r.prefix_len) for h, r in zip(held, rows, strict=True)]
         return fs.StepLayout.build(self.model, bs, max(1, *held), sliding=max(1, *sliding))
+
+    def _sliding_base(self, prefix_len: int) -> int:
+        """The first block a sliding layer gathers for a row after ``prefix_len`` cached tokens."""
+        return max(0, prefix_len - (self.model.config.text.sliding_window - 1)) // self.block_size
 
     # -- one step -----------------------------------------------------------------------------------
     @property
@@ -224,7 +228,7 @@ class FastRunner:
             p = r.sampling
             adaptive = p.stability_threshold is not None and p.confidence_threshold is not None
             lo, hi = r.seed & 0xFFFFFFFF, (r.seed >> 32) & 0xFFFFFFFF
-            sliding_base = max(0, r.prefix_len - (self.model.config.text.sliding_window - 1)) // bs
+            sliding_base = self._sliding_base(r.prefix_len)
             h[:fs.F_T_MIN] = [r.slot, r.kind, r.length or self.canvas, r.prefix_len, int(r.fresh), r.cur_step,
                               p.max_denoising_steps, r.canvas_index, _int32(lo), _int32(hi), sliding_base,
                               p.stability_threshold if adaptive else -1, int(r.greedy)]
